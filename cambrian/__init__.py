@@ -1,0 +1,1 @@
+"""Cambrian model package."""

@@ -1,0 +1,1 @@
+"""Kernel dispatch (placeholder, filled by the connector work)."""

@@ -1,0 +1,64 @@
+"""Build script.
+
+The pure-Python packages are declared here because `kernels/` and `export/`
+live at the top of the repository but install as `cambrian.kernels` and
+`cambrian.export` (one import namespace).  Native extensions from `csrc/`
+(C++ CPU kernels, and CUDA kernels when torch has CUDA) are added to
+`ext_modules` when their sources exist.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import setup
+
+PACKAGE_DIR = {"cambrian": "cambrian", "cambrian.kernels": "kernels", "cambrian.export": "export"}
+
+
+def find_packages_mapped() -> list[str]:
+    packages = []
+    for pkg, root in PACKAGE_DIR.items():
+        for dirpath, _dirnames, filenames in os.walk(root):
+            if "__init__.py" not in filenames or "__pycache__" in dirpath:
+                continue
+            rel = os.path.relpath(dirpath, root)
+            name = pkg if rel == "." else pkg + "." + rel.replace(os.sep, ".")
+            if name.startswith("cambrian.kernels") and pkg == "cambrian":
+                continue
+            packages.append(name)
+    return sorted(set(packages))
+
+
+def native_extensions():
+    """C++/CUDA extensions from csrc/, built only when sources are present."""
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not cpu_sources or os.environ.get("CAMBRIAN_SKIP_NATIVE") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    import torch
+
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    common = dict(
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        extra_link_args=["-fopenmp"],
+    )
+    if cuda_sources and torch.version.cuda is not None and os.environ.get("CAMBRIAN_SKIP_CUDA") != "1":
+        ext = CUDAExtension("cambrian.kernels._C", cpu_sources + cuda_sources, **common,
+                            define_macros=[("CAMBRIAN_WITH_CUDA", "1")])
+    else:
+        common["extra_compile_args"] = common["extra_compile_args"]["cxx"]
+        ext = CppExtension("cambrian.kernels._C", cpu_sources, **common)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    packages=find_packages_mapped(),
+    package_dir=PACKAGE_DIR,
+    package_data={"cambrian": ["py.typed"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
