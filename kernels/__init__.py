@@ -1,1 +1,271 @@
-"""Kernel dispatch (placeholder, filled by the connector work)."""
+"""`cambrian.kernels`: the connector's two hot ops, behind a small backend registry.
+
+Ops (public entry points here validate their arguments, then call the chosen backend):
+
+* `multi_tower_interpolate(features, src_sizes, dst_size)`: bilinear resize of token-major grids,
+  concatenated on channels.
+* `sva_window_attention(q, keys, values, *, num_heads, grid_side, ...)`: the SVA windowed multi-tower
+  cross-attention core (after q/k/v projections, before o_proj).
+
+Backends are modules exposing the op functions plus `is_available() -> bool` and
+`supports(op, device) -> bool`.  `BACKENDS` maps a name to its module path; only `reference` is
+shipped now, `cpp` / `triton` / `cuda` are reserved and picked up as soon as their module exists
+(nothing in the model changes).  Selection per call:
+
+* `CAMBRIAN_KERNELS=<name>` forces that backend for every op; an unknown name, a backend that cannot
+  be imported / is unavailable, or one that lacks the op on that device raises `KernelBackendError`.
+* otherwise the first available backend in `PREFERENCE[device.type]` that supports the op.
+
+Also here: the unpad geometry shared by unpadding and attention masks (`image_valid_rect`,
+`image_valid_rects`, `rects_to_mask`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "multi_tower_interpolate", "sva_window_attention", "image_valid_rect", "image_valid_rects", "rects_to_mask",
+    "get_backend", "available_backends", "register_backend", "KernelBackendError", "BACKENDS", "PREFERENCE",
+    "ENV_VAR",
+]
+
+ENV_VAR = "CAMBRIAN_KERNELS"
+
+# name -> module path.  A later issue adds the module file; the name is already reserved here.
+BACKENDS: dict[str, str] = {
+    "reference": "cambrian.kernels.reference",
+    "cpp": "cambrian.kernels.cpp",
+    "triton": "cambrian.kernels.triton_kernels",
+    "cuda": "cambrian.kernels.cuda",
+}
+# Default order per device type, best first; `reference` always closes the list.
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpp", "reference"),
+}
+OPS = ("multi_tower_interpolate", "sva_window_attention")
+
+
+class KernelBackendError(RuntimeError):
+    """A forced kernel backend is unknown, unavailable, or does not implement the op."""
+
+
+_modules: dict[str, ModuleType | None] = {}
+_import_errors: dict[str, str] = {}
+
+
+def register_backend(name: str, module_path: str, prefer_on: Sequence[str] = ()) -> None:
+    """Add (or repoint) a backend; `prefer_on` device types put it first in their default order."""
+    BACKENDS[name] = module_path
+    _modules.pop(name, None)
+    _import_errors.pop(name, None)
+    for dev in prefer_on:
+        order = [n for n in PREFERENCE.get(dev, ("reference",)) if n != name]
+        PREFERENCE[dev] = (name, *order)
+
+
+def _load(name: str) -> ModuleType | None:
+    """Import a backend module once; None (with the reason kept) when it is missing or unavailable."""
+    if name not in _modules:
+        module = None
+        try:
+            module = importlib.import_module(BACKENDS[name])
+            if hasattr(module, "is_available") and not module.is_available():
+                _import_errors[name] = f"{BACKENDS[name]}.is_available() returned False"
+                module = None
+        except ImportError as exc:  # not built / not installed / module not written yet
+            _import_errors[name] = f"{type(exc).__name__}: {exc}"
+        _modules[name] = module
+    return _modules[name]
+
+
+def _supports(module: ModuleType, op: str, device: torch.device) -> bool:
+    if not hasattr(module, op):
+        return False
+    return module.supports(op, device) if hasattr(module, "supports") else True
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that import and report themselves available."""
+    return [name for name in BACKENDS if _load(name) is not None]
+
+
+def get_backend(op: str, device: torch.device | str) -> ModuleType:
+    """The backend module that will run `op` on `device` (honours CAMBRIAN_KERNELS)."""
+    device = torch.device(device)
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise KernelBackendError(f"{ENV_VAR}={forced!r} is not a kernel backend; "
+                                     f"choose one of {', '.join(BACKENDS)}")
+        module = _load(forced)
+        if module is None:
+            raise KernelBackendError(f"{ENV_VAR}={forced!r}: backend is not available here "
+                                     f"({_import_errors.get(forced, 'unknown reason')}); "
+                                     f"available: {', '.join(available_backends())}")
+        if not _supports(module, op, device):
+            raise KernelBackendError(f"{ENV_VAR}={forced!r}: backend does not implement {op} "
+                                     f"on device type {device.type!r}")
+        return module
+    for name in PREFERENCE.get(device.type, ("reference",)):
+        module = _load(name)
+        if module is not None and _supports(module, op, device):
+            return module
+    return _load("reference")  # supports every op on every device
+
+
+# ---------------------------------------------------------------------------------------------------
+# unpad geometry
+# ---------------------------------------------------------------------------------------------------
+def image_valid_rect(image_size: Sequence[int], side: int) -> tuple[int, int, int, int]:
+    """The part of a side×side grid covered by the original image, as (row0, row1, col0, col1), ends excluded.
+
+    image_size = original (width, height); the image was padded to a square (centred), then resized.
+    The original rule, integer floors and float order included (`unpad_image` of Cambrian/LLaVA):
+    if W/H > 1: new_h = int(H * (side / W)), p = (side - new_h) // 2, keep rows p .. side-p-1;
+    else:       new_w = int(W * (side / H)), p = (side - new_w) // 2, keep cols p .. side-p-1.
+    (`H * (side / W)` is what the released code computes; exact `H*side // W` differs for a few sizes,
+    e.g. (88, 55) on 24: 14 vs 15 -> p = 5 vs 4.)
+    """
+    width, height = int(image_size[0]), int(image_size[1])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be a positive (width, height), got {tuple(image_size)}")
+    if width / height > 1.0:
+        new_h = int(height * (side / width))
+        p = (side - new_h) // 2
+        return p, side - p, 0, side
+    new_w = int(width * (side / height))
+    p = (side - new_w) // 2
+    return 0, side, p, side - p
+
+
+def image_valid_rects(image_sizes: Sequence[Sequence[int]], side: int,
+                      device: torch.device | str | None = None) -> Tensor:
+    """`image_valid_rect` for a batch -> LongTensor (B, 4) [row0, row1, col0, col1)."""
+    rects = [image_valid_rect(size, side) for size in image_sizes]
+    return torch.tensor(rects, dtype=torch.long, device=device).reshape(len(rects), 4)
+
+
+def rects_to_mask(rects: Tensor, side: int) -> Tensor:
+    """(B, 4) rectangles -> explicit boolean masks (B, side, side), True inside."""
+    idx = torch.arange(side, device=rects.device)
+    rows = (idx >= rects[:, 0, None]) & (idx < rects[:, 1, None])  # (B, side)
+    cols = (idx >= rects[:, 2, None]) & (idx < rects[:, 3, None])
+    return rows[:, :, None] & cols[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------------
+# public ops
+# ---------------------------------------------------------------------------------------------------
+def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[Sequence[int]],
+                            dst_size: Sequence[int]) -> Tensor:
+    """Resize token-major grids to one size and concatenate them on channels.
+
+    features: list of (B, h_i*w_i, C_i); src_sizes: list of (h_i, w_i); dst_size: (H, W).
+    Returns (B, H*W, sum C_i) in the dtype of features[0].  Each grid is resized with bilinear
+    interpolation, align_corners=False, no antialias, computed in float32 and cast back — the numbers of
+    `F.interpolate(x.float(), (H, W), mode="bilinear", align_corners=False)` on the (B, C_i, h_i, w_i)
+    layout.  A grid already at (H, W) is copied unchanged.
+    """
+    features, src_sizes = list(features), [tuple(int(v) for v in s) for s in src_sizes]
+    dst = tuple(int(v) for v in dst_size)
+    if not features:
+        raise ValueError("multi_tower_interpolate: no feature grids given")
+    if len(src_sizes) != len(features):
+        raise ValueError(f"multi_tower_interpolate: {len(features)} feature grids but {len(src_sizes)} source sizes")
+    if len(dst) != 2 or min(dst) <= 0:
+        raise ValueError(f"multi_tower_interpolate: dst_size must be a positive (H, W), got {dst_size}")
+    batch = features[0].shape[0]
+    for i, (x, (h, w)) in enumerate(zip(features, src_sizes)):
+        if x.dim() != 3 or x.shape[0] != batch or x.shape[1] != h * w:
+            raise ValueError(f"multi_tower_interpolate: grid {i} has shape {tuple(x.shape)}, expected "
+                             f"({batch}, {h}*{w}={h * w}, C) for source size ({h}, {w})")
+        if not x.is_floating_point():
+            raise ValueError(f"multi_tower_interpolate: grid {i} has dtype {x.dtype}, expected a float type")
+    return get_backend("multi_tower_interpolate", features[0].device).multi_tower_interpolate(features, src_sizes, dst)
+
+
+def sva_window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], *, num_heads: int,
+                         grid_side: int, query_offsets: Tensor | Sequence[Sequence[int]] | None = None,
+                         valid_rects: Sequence[Tensor] | None = None, masks: Sequence[Tensor] | None = None,
+                         scale: float | None = None) -> Tensor:
+    """SVA windowed cross-attention over several towers (projected q/k/v in, pre-o_proj output out).
+
+    Args:
+        q: (B, h, w, heads*d) queries on a query grid.  Query (b, y, x) sits at cell
+            (y + row0_b, x + col0_b) of the s×s window grid (s = `grid_side`); h + row0_b <= s, w + col0_b <= s.
+        keys, values: one (B, n_i, n_i, heads*d) tensor per tower, token-major grid (already through
+            pos_embed + k_proj / v_proj).  n_i must be a multiple of s; r_i = n_i / s.  The query at window
+            (wy, wx) attends to the r_i×r_i tokens (wy*r_i + dy, wx*r_i + dx) of every tower (key order
+            dy*r_i + dx, towers in list order), jointly softmaxed: sum_i r_i^2 keys per query.
+        num_heads: heads; d = q.shape[-1] / num_heads.
+        grid_side: s.
+        query_offsets: (B, 2) ints (row0_b, col0_b) or None (= 0): the query sub-rectangle, used inside the
+            LLM where the queries are the kept (unpadded) cells of the final grid.
+        valid_rects: rectangle validity, one (B, 4) int tensor per tower, [row0, row1, col0, col1) on that
+            tower's own grid; keys outside are masked.  (Inference form: no mask tensor is stored.)
+        masks: explicit validity, one (B, n_i, n_i) bool tensor per tower (training form).
+            At most one of valid_rects / masks; neither = every key valid.
+            In both forms, per tower: a window with no valid key is made all valid.
+        scale: logit scale, default 1/sqrt(d).
+
+    Returns:
+        (B, h, w, heads*d) in q's dtype (computed in float32 by the reference backend).
+    """
+    if q.dim() != 4:
+        raise ValueError(f"sva_window_attention: q must be (B, h, w, heads*d), got shape {tuple(q.shape)}")
+    b, h, w, dim = q.shape
+    if num_heads <= 0 or dim % num_heads:
+        raise ValueError(f"sva_window_attention: q width {dim} is not divisible by num_heads={num_heads}")
+    keys, values = list(keys), list(values)
+    if not keys or len(keys) != len(values):
+        raise ValueError(f"sva_window_attention: need the same non-zero number of key and value grids, "
+                         f"got {len(keys)} and {len(values)}")
+    s = int(grid_side)
+    if s <= 0:
+        raise ValueError(f"sva_window_attention: grid_side must be positive, got {grid_side}")
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if k.dim() != 4 or k.shape[0] != b or k.shape[1] != k.shape[2] or k.shape[3] != dim:
+            raise ValueError(f"sva_window_attention: keys[{i}] has shape {tuple(k.shape)}, expected ({b}, n, n, {dim})")
+        if v.shape != k.shape:
+            raise ValueError(f"sva_window_attention: values[{i}] shape {tuple(v.shape)} != keys[{i}] shape {tuple(k.shape)}")
+        if k.shape[1] % s:
+            raise ValueError(f"sva_window_attention: tower {i} grid side {k.shape[1]} is not divisible by the "
+                             f"window grid side {s} (windows must tile the grid)")
+    if valid_rects is not None and masks is not None:
+        raise ValueError("sva_window_attention: give valid_rects or masks, not both")
+    if valid_rects is not None:
+        valid_rects = [torch.as_tensor(r, dtype=torch.long, device=q.device) for r in valid_rects]
+        if len(valid_rects) != len(keys) or any(r.shape != (b, 4) for r in valid_rects):
+            raise ValueError(f"sva_window_attention: valid_rects must be {len(keys)} tensors of shape ({b}, 4), got "
+                             f"{[tuple(r.shape) for r in valid_rects]}")
+    if masks is not None:
+        masks = list(masks)
+        if len(masks) != len(keys):
+            raise ValueError(f"sva_window_attention: {len(masks)} masks for {len(keys)} towers")
+        for i, (m, k) in enumerate(zip(masks, keys)):
+            if m.dtype != torch.bool or m.shape != k.shape[:3]:
+                raise ValueError(f"sva_window_attention: masks[{i}] must be bool of shape {tuple(k.shape[:3])}, "
+                                 f"got {m.dtype} {tuple(m.shape)}")
+    if query_offsets is not None:
+        query_offsets = torch.as_tensor(query_offsets, dtype=torch.long, device=q.device).reshape(-1, 2)
+        if query_offsets.shape[0] != b:
+            raise ValueError(f"sva_window_attention: query_offsets has {query_offsets.shape[0]} rows for batch {b}")
+        lo = query_offsets.min(dim=0).values.tolist()
+        hi = query_offsets.max(dim=0).values.tolist()
+        if min(lo) < 0 or hi[0] + h > s or hi[1] + w > s:
+            raise ValueError(f"sva_window_attention: a {h}x{w} query grid at offsets {query_offsets.tolist()} "
+                             f"does not fit the {s}x{s} window grid")
+    elif h != s or w != s:
+        raise ValueError(f"sva_window_attention: q grid {h}x{w} differs from the {s}x{s} window grid; "
+                         "pass query_offsets for a sub-rectangle")
+    backend = get_backend("sva_window_attention", q.device)
+    return backend.sva_window_attention(q, keys, values, num_heads=num_heads, grid_side=s,
+                                        query_offsets=query_offsets, valid_rects=valid_rects, masks=masks,
+                                        scale=scale)
