@@ -13,73 +13,14 @@ from cambrian.conversation import TEMPLATES, Conversation, default_template_for,
 from cambrian.mm_utils import TokenizationMismatchError, build_training_example, tokenizer_image_token
 from helpers_tokenizer import TEMPLATE_VECTORS, load_template_vectors, make_test_tokenizer
 
-# Copy of shared/design/template_vectors.json (prompt strings only); used only if shared/ is not beside the repo.
-_EMBEDDED_VECTORS = {
-    'llama_3': {
-        'single_turn': (
-            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>You are Cambrian, a highly '
-            'intelligent multimodal AI trained by NYU Vision X. \n    As a multimodal AI, you have the '
-            'ability to process and analyze images. Whenever an image is present in the conversation, '
-            'very carefully examine it and consider its content when formulating your response.\n    '
-            'You should give concise responses to very simple questions, but provide thorough '
-            'responses to more complex and open-ended questions. '
-            '<|eot_id|><|start_header_id|>user<|end_header_id|><image>\nWhat is '
-            'shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>'
-        ),
-        'two_turns': (
-            '<|begin_of_text|><|start_header_id|>system<|end_header_id|>You are Cambrian, a highly '
-            'intelligent multimodal AI trained by NYU Vision X. \n    As a multimodal AI, you have the '
-            'ability to process and analyze images. Whenever an image is present in the conversation, '
-            'very carefully examine it and consider its content when formulating your response.\n    '
-            'You should give concise responses to very simple questions, but provide thorough '
-            'responses to more complex and open-ended questions. '
-            '<|eot_id|><|start_header_id|>user<|end_header_id|><image>\nWhat is '
-            'shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>A '
-            'cat.<|eot_id|><|start_header_id|>user<|end_header_id|>Color?<|eot_id|><|start_header_id|>a'
-            'ssistant<|end_header_id|>'
-        ),
-    },
-    'vicuna_v1': {
-        'single_turn': (
-            'A chat between a curious user and an artificial intelligence assistant. The assistant '
-            "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat "
-            'is shown? ASSISTANT:'
-        ),
-        'two_turns': (
-            'A chat between a curious user and an artificial intelligence assistant. The assistant '
-            "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat "
-            'is shown? ASSISTANT: A cat.</s>USER: Color? ASSISTANT:'
-        ),
-    },
-    'chatml_direct': {
-        'single_turn': (
-            '<|im_start|>system\nYou are Cambrian, a highly intelligent multimodal AI trained by NYU '
-            'Vision X. As a multimodal AI, you have the ability to process and analyze images. '
-            'Whenever an image is present in the conversation, very carefully examine it and consider '
-            'its content when formulating your response. You should give concise responses to very '
-            'simple questions, but provide thorough responses to more complex and open-ended '
-            'questions.<|im_end|><|im_start|>user\n<image>\nWhat is '
-            'shown?<|im_end|><|im_start|>assistant\n'
-        ),
-        'two_turns': (
-            '<|im_start|>system\nYou are Cambrian, a highly intelligent multimodal AI trained by NYU '
-            'Vision X. As a multimodal AI, you have the ability to process and analyze images. '
-            'Whenever an image is present in the conversation, very carefully examine it and consider '
-            'its content when formulating your response. You should give concise responses to very '
-            'simple questions, but provide thorough responses to more complex and open-ended '
-            'questions.<|im_end|><|im_start|>user\n<image>\nWhat is '
-            'shown?<|im_end|><|im_start|>assistant\nA cat.<|im_end|><|im_start|>user\n'
-            'Color?<|im_end|><|im_start|>assistant\n'
-        ),
-    },
-}
-
 RELEASED = ("llama_3", "vicuna_v1", "chatml_direct")
 CONVERSATION = [("user", "<image>\nWhat is shown?"), ("assistant", "A cat."), ("user", "Color?")]
 
 
 def _vectors() -> dict:
-    return load_template_vectors() if TEMPLATE_VECTORS.exists() else _EMBEDDED_VECTORS
+    # shared/ stands beside the repository on every developer machine and in CI
+    assert TEMPLATE_VECTORS.exists(), f"missing {TEMPLATE_VECTORS}"
+    return load_template_vectors()
 
 
 def _open_prompt(name: str, messages) -> str:
@@ -103,14 +44,6 @@ def test_released_templates_byte_identical(name):
     for role, text in CONVERSATION:
         conv.append_message(role, text)
     assert conv.get_prompt(add_generation_prompt=True) == vec["two_turns"]
-
-
-def test_embedded_copy_matches_shared_file():
-    if not TEMPLATE_VECTORS.exists():
-        pytest.skip("shared/ not beside the repo")
-    vec = load_template_vectors()
-    for name, v in _EMBEDDED_VECTORS.items():
-        assert v == {"single_turn": vec[name]["single_turn"], "two_turns": vec[name]["two_turns"]}
 
 
 def test_llama3_system_text_kept_verbatim():

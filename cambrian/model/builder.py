@@ -10,14 +10,13 @@ checkpoint (`mm_projector.bin` / `mm_projector.safetensors`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
+from ..utils import quiet_transformers
 from .config import CambrianConfig
 from .modeling import CONNECTOR_PREFIX, CambrianForCausalLM
 from .vision_towers import load_vision_tower, resolve_tower_paths
@@ -109,18 +108,6 @@ def _check_keys(what: str, expected: set[str], found: set[str], allowed_missing:
         raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers logs every key it skips; we check the keys ourselves and raise instead."""
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _torch_dtype(dtype: Any) -> Any:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -192,7 +179,7 @@ def load_pretrained_model(model_path: str, model_base: str | None = None,
     if quant is not None:
         llm_kwargs.update(quantization_config=quant, device_map={"": str(device)})
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             llm, info = AutoModelForCausalLM.from_pretrained(llm_path, output_loading_info=True, **llm_kwargs)
     except (OSError, EnvironmentError) as exc:
         raise CheckpointError(f"cannot load the LLM weights from {llm_path}: {exc}") from exc
@@ -246,7 +233,8 @@ def load_pretrained_model(model_path: str, model_base: str | None = None,
 
     tok_path = model_path if _has_tokenizer(model_path) else llm_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, use_fast=True)
+        with quiet_transformers():  # it reads config.json and warns that `cambrian_llama` is not its type
+            tokenizer = AutoTokenizer.from_pretrained(tok_path, use_fast=True)
     except Exception as exc:
         raise CheckpointError(f"cannot load a tokenizer from {tok_path}: {exc}") from exc
     if config.tokenizer_model_max_length:
@@ -280,7 +268,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _merge_lora(llm: torch.nn.Module, adapter_path: str) -> torch.nn.Module:
     from peft import PeftModel
 
-    with _quiet_transformers():
+    with quiet_transformers():
         peft_model = PeftModel.from_pretrained(llm, adapter_path)
     return peft_model.merge_and_unload()
 

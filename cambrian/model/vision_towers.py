@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..utils import quiet_transformers
 from .image_processing import ImageProcessor, mean_to_color
 
 __all__ = [
@@ -298,7 +299,7 @@ class VisionTower(nn.Module):
         with image_size, image_mean, image_std and pad_color; `load_vision_tower` reads it back exactly."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model.save_pretrained(folder)
         pre = {
             "tower_kind": self.kind,
@@ -319,25 +320,6 @@ def _set_convnext_trunk_eps(model: nn.Module, eps: float) -> None:
         for m in part.modules():
             if isinstance(m, nn.LayerNorm):
                 m.eps = eps
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers reports every skipped key and draws progress bars; we check keys ourselves."""
-    from transformers.utils import logging as hf_logging
-
-    tf_logger = logging.getLogger("transformers")
-    level = tf_logger.level
-    bars = hf_logging.is_progress_bar_enabled()
-    tf_logger.setLevel(logging.ERROR)
-    if bars:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tf_logger.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _skip_init() -> contextlib.AbstractContextManager:
@@ -524,13 +506,13 @@ def _load_transformers_folder(name: str, path: str, name_kind: str | None,
                               dtype: torch.dtype | None) -> tuple[str, nn.Module]:
     from transformers import AutoConfig
 
-    with _quiet_transformers():
+    with quiet_transformers():
         config = AutoConfig.from_pretrained(path)
     kind, cls = _model_class(config.model_type)
     _check_kind(name, name_kind, kind, path)
     kwargs: dict[str, Any] = {"vision_use_head": False} if kind == "siglip" else {}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = cls.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise VisionTowerCheckpointError(f"cannot load the {kind} tower {name!r} from {path}: {exc}") from exc
@@ -759,7 +741,7 @@ def _load_timm_file(name: str, path: str, name_kind: str | None, dtype: torch.dt
 
     if dtype is None:  # keep the stored precision, like transformers' dtype="auto"
         dtype = next((v.dtype for v in converted.values() if v.is_floating_point()), torch.float32)
-    with _quiet_transformers(), _skip_init():  # every tensor is overwritten below (14 s saved on ConvNeXt-XXL)
+    with quiet_transformers(), _skip_init():  # every tensor is overwritten below (14 s saved on ConvNeXt-XXL)
         model = cls(config)
     if kind == "convnext" and "layernorm.weight" not in converted:
         model.layernorm.reset_parameters()  # the pooled-output norm is not in the file; give it defined values
