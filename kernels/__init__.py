@@ -6,6 +6,9 @@ Ops (public entry points here validate their arguments, then call the chosen bac
   concatenated on channels.
 * `sva_window_attention(q, keys, values, *, num_heads, grid_side, ...)`: the SVA windowed multi-tower
   cross-attention core (after q/k/v projections, before o_proj).
+* `multi_tower_interpolate_linear(features, src_sizes, dst_size, weight, bias)`: the resize + concatenate
+  followed by a Linear, without building the concatenation (a composite op: a backend may implement it
+  natively; otherwise it is built from the chosen backend's `multi_tower_interpolate` and torch GEMMs).
 
 Backends are modules exposing the op functions plus `is_available() -> bool` and
 `supports(op, device) -> bool`.  `BACKENDS` maps a name to its module path; only `reference` is
@@ -30,7 +33,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "multi_tower_interpolate", "sva_window_attention", "image_valid_rect", "image_valid_rects", "rects_to_mask",
+    "multi_tower_interpolate", "multi_tower_interpolate_linear", "sva_window_attention", "image_valid_rect",
+    "image_valid_rects", "rects_to_mask",
     "get_backend", "available_backends", "register_backend", "KernelBackendError", "BACKENDS", "PREFERENCE",
     "ENV_VAR",
 ]
@@ -175,20 +179,61 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[Sequ
     """
     features, src_sizes = list(features), [tuple(int(v) for v in s) for s in src_sizes]
     dst = tuple(int(v) for v in dst_size)
+    _check_grids("multi_tower_interpolate", features, src_sizes, dst)
+    return get_backend("multi_tower_interpolate", features[0].device).multi_tower_interpolate(features, src_sizes, dst)
+
+
+def _check_grids(op: str, features: list[Tensor], src_sizes: list[tuple[int, ...]], dst: tuple[int, ...]) -> None:
     if not features:
-        raise ValueError("multi_tower_interpolate: no feature grids given")
+        raise ValueError(f"{op}: no feature grids given")
     if len(src_sizes) != len(features):
-        raise ValueError(f"multi_tower_interpolate: {len(features)} feature grids but {len(src_sizes)} source sizes")
+        raise ValueError(f"{op}: {len(features)} feature grids but {len(src_sizes)} source sizes")
     if len(dst) != 2 or min(dst) <= 0:
-        raise ValueError(f"multi_tower_interpolate: dst_size must be a positive (H, W), got {dst_size}")
+        raise ValueError(f"{op}: dst_size must be a positive (H, W), got {dst}")
     batch = features[0].shape[0]
     for i, (x, (h, w)) in enumerate(zip(features, src_sizes)):
         if x.dim() != 3 or x.shape[0] != batch or x.shape[1] != h * w:
-            raise ValueError(f"multi_tower_interpolate: grid {i} has shape {tuple(x.shape)}, expected "
+            raise ValueError(f"{op}: grid {i} has shape {tuple(x.shape)}, expected "
                              f"({batch}, {h}*{w}={h * w}, C) for source size ({h}, {w})")
         if not x.is_floating_point():
-            raise ValueError(f"multi_tower_interpolate: grid {i} has dtype {x.dtype}, expected a float type")
-    return get_backend("multi_tower_interpolate", features[0].device).multi_tower_interpolate(features, src_sizes, dst)
+            raise ValueError(f"{op}: grid {i} has dtype {x.dtype}, expected a float type")
+
+
+def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequence[Sequence[int]],
+                                   dst_size: Sequence[int], weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(multi_tower_interpolate(features, src_sizes, dst_size), weight, bias)`, never building the concatenation.
+
+    features: list of (B, h_i*w_i, C_i) token-major grids (any strides: the transposed view
+    `x.flatten(2).transpose(1, 2)` of a (B, C, h, w) map is read in place); src_sizes: list of (h_i, w_i);
+    dst_size: (H, W); weight: (out, sum C_i); bias: (out,) or None.  Returns (B, H*W, out).
+
+    Because bilinear resizing is linear per channel, the result is sum_i resize(x_i @ W_i^T) + b with W_i the
+    column block of grid i: grids smaller than the target are projected first, larger ones resized first.
+    Equal to the unfused form up to float rounding.  Dispatch: a backend's native
+    `multi_tower_interpolate_linear` if the chosen backend has one, else the composite of
+    `reference.multi_tower_interpolate_linear` around the chosen backend's `multi_tower_interpolate`
+    (so a forced backend without the native op still serves it).
+    """
+    op = "multi_tower_interpolate_linear"
+    features, src_sizes = list(features), [tuple(int(v) for v in s) for s in src_sizes]
+    dst = tuple(int(v) for v in dst_size)
+    _check_grids(op, features, src_sizes, dst)
+    channels = sum(x.shape[-1] for x in features)
+    if weight.dim() != 2 or weight.shape[1] != channels:
+        raise ValueError(f"{op}: weight must be (out, {channels}) for grids with {channels} channels in total, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    device = features[0].device
+    try:
+        backend = get_backend(op, device)
+    except KernelBackendError:
+        backend = None  # forced backend without a native version: compose it from that backend's resize
+    reference = _load("reference")
+    if backend is not None and backend is not reference:
+        return backend.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias)
+    interpolate = get_backend("multi_tower_interpolate", device).multi_tower_interpolate
+    return reference.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias, interpolate=interpolate)
 
 
 def sva_window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], *, num_heads: int,

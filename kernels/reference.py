@@ -14,12 +14,13 @@ Layouts
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["multi_tower_interpolate", "sva_window_attention", "is_available", "supports"]
+__all__ = ["multi_tower_interpolate", "multi_tower_interpolate_linear", "sva_window_attention", "is_available",
+           "supports"]
 
 
 def is_available() -> bool:
@@ -29,7 +30,7 @@ def is_available() -> bool:
 
 def supports(op: str, device: torch.device) -> bool:
     """Every op on every device."""
-    return op in ("multi_tower_interpolate", "sva_window_attention")
+    return op in ("multi_tower_interpolate", "multi_tower_interpolate_linear", "sva_window_attention")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,6 +81,59 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[tupl
         parts.append(y.to(x.dtype).reshape(b, out_h * out_w, c))
     dtype = features[0].dtype
     return torch.cat([p.to(dtype) for p in parts], dim=-1)
+
+
+def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequence[tuple[int, int]],
+                                   dst_size: tuple[int, int], weight: Tensor, bias: Tensor | None = None, *,
+                                   interpolate: Callable[..., Tensor] = multi_tower_interpolate) -> Tensor:
+    """`F.linear(multi_tower_interpolate(features, src_sizes, dst_size), weight, bias)` without the concatenation.
+
+    Bilinear resizing is linear and acts on each channel separately, so with W_i the column block of
+    `weight` for grid i's channels: Linear(concat_i(resize(x_i))) = sum_i resize(x_i @ W_i^T) + b.  Per grid
+    the cheaper order is taken: project first when the grid has fewer tokens than the target (fewer rows to
+    project), resize first when it has more; a grid already at the target size is only projected.  The
+    (B, H*W, sum C_i) concatenation is never built; the largest intermediate is one (B, H*W, max(C_i, out)).
+
+    features: list of (B, h_i*w_i, C_i), any strides (e.g. the transposed view of a (B, C, h, w) map);
+    weight: (out, sum C_i); bias: (out,) or None.  Returns (B, H*W, out) in the features' dtype.
+    `interpolate` is the resize used (the dispatcher passes the chosen backend's `multi_tower_interpolate`).
+    Same numbers as the unfused form up to float rounding (sums are reassociated).
+    """
+    out_h, out_w = dst_size
+    n_dst = out_h * out_w
+    batch, out_dim = features[0].shape[0], weight.shape[0]
+    # accumulate into one buffer unless autograd needs the parts
+    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*features, weight, bias)))
+    y: Tensor | None = None
+    # GEMM parts first (resize-first / same-size grids), so the bias rides on the first addmm
+    order = sorted(range(len(features)), key=lambda i: src_sizes[i][0] * src_sizes[i][1] < n_dst)
+    offsets = [0]
+    for x in features:
+        offsets.append(offsets[-1] + x.shape[-1])
+    for i in order:
+        x, (h, w) = features[i], src_sizes[i]
+        w_i = weight[:, offsets[i]:offsets[i + 1]]                        # (out, C_i) column block, a view
+        if h * w >= n_dst:
+            if (h, w) != (out_h, out_w):
+                x = interpolate([x], [(h, w)], (out_h, out_w))             # (B, H*W, C_i): resize first
+            x2 = x.reshape(batch * n_dst, x.shape[-1])
+            if y is None:
+                y = (torch.addmm(bias, x2, w_i.t()) if bias is not None else x2 @ w_i.t()).view(batch, n_dst, out_dim)
+            elif inplace:  # accumulate in place (out= rather than addmm_, which FLOP counters do not see)
+                y2 = y.view(batch * n_dst, out_dim)
+                torch.addmm(y2, x2, w_i.t(), out=y2)
+            else:
+                y = y + (x2 @ w_i.t()).view(batch, n_dst, out_dim)
+        else:
+            z = torch.matmul(x, w_i.t())                                  # (B, h*w, out): project first
+            z = interpolate([z], [(h, w)], (out_h, out_w))                 # (B, H*W, out)
+            if y is None:
+                y = z + bias if bias is not None else z
+            elif inplace:
+                y.add_(z)
+            else:
+                y = y + z
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,17 +20,33 @@ Tensors stay token-major: tower features are (B, n_i, n_i, V) grids; the attenti
 `cambrian.kernels.sva_window_attention` and every resize `cambrian.kernels.multi_tower_interpolate`, so
 fused backends drop in without touching this file.  Parameter names are the checkpoint names minus the
 leading `model.`.
+
+Fused path (default; `connector.set_fused(False)` runs the straightforward math, the reference the
+fused path is tested against — same parameters, same numbers up to float rounding):
+
+* K/V folding: k_proj_i and v_proj_i see the same LayerNorm input x + pos, so it is normalised once
+  without affine, and their LayerNorm affines fold into one Linear: [W_k·diag(γ_k); W_v·diag(γ_v)] with bias
+  [W_k·β_k; W_v·β_v] -> K and V from a single (batch-2, shared-input) GEMM.  Folded weights are cached while no gradient is needed
+  (keyed on the parameters' identity, version counters and storage) and recomputed with autograd otherwise.
+* proj_in(concat(q, proj_context(c))) = q·W_q^T + proj_context(c)·W_c^T: the context half is one row per
+  image instead of one per query.
+* multi-stage towers (ConvNeXt): `forward` accepts the list of stage maps (B, C_k, h_k, w_k) for a tower;
+  the first Linear of `mm_projector_aux_i` is applied per stage (`kernels.multi_tower_interpolate_linear`:
+  project first where a stage is smaller than the tower grid, resize first where it is larger), never
+  building the (B, n_i², ΣC_k) concatenation.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from cambrian import kernels
@@ -71,24 +87,95 @@ class MultiKVCrossAttention(nn.Module):
             raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.num_towers = num_towers
+        self.fused = True
         self.q_proj = nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.Linear(dim, dim, bias=False))
         for i in range(num_towers):
             setattr(self, f"k_proj_{i}", nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.Linear(dim, dim, bias=False)))
             setattr(self, f"v_proj_{i}", nn.Sequential(nn.LayerNorm(dim, eps=LAYER_NORM_EPS), nn.Linear(dim, dim, bias=False)))
         self.o_proj = nn.Linear(dim, dim, bias=False)
+        # tower -> (validity key, folded weight (2*dim, dim), folded bias (2*dim,)); not module state
+        self._kv_cache: dict[int, tuple[tuple, Tensor, Tensor]] = {}
 
-    def forward(self, x: Tensor, towers: Sequence[Tensor], grid_side: int, **window: Any) -> Tensor:
-        """x: (B, h, w, dim) queries; towers: (B, n_i, n_i, dim) grids (pos_embed added) -> (B, h, w, dim).
+    def forward(self, x: Tensor, towers: Sequence[Tensor], grid_side: int,
+                add_pos: Callable[[int, Tensor], Tensor] | None = None, **window: Any) -> Tensor:
+        """x: (B, h, w, dim) queries; towers: (B, n_i, n_i, dim) grids -> (B, h, w, dim).
 
+        add_pos(i, grid) adds tower i's position embedding (None: the grids already carry it); applied one
+        tower at a time, so only one position-embedded grid is alive at once.
         `window` is passed to `kernels.sva_window_attention` (query_offsets, valid_rects, masks).
         """
         q = self.q_proj(x)
         # Each grid token belongs to exactly one window, so projecting the whole grid once is the same
         # work as projecting the windows, and keeps the token-major layout the kernel reads.
-        keys = [getattr(self, f"k_proj_{i}")(t) for i, t in enumerate(towers)]
-        values = [getattr(self, f"v_proj_{i}")(t) for i, t in enumerate(towers)]
+        if self.fused:
+            keys, values = [], []
+            for i, t in enumerate(towers):
+                t = add_pos(i, t) if add_pos is not None else t
+                shape, dim = t.shape, t.shape[-1]
+                weight, bias = self.folded_kv(i)
+                normed = F.layer_norm(t, (dim,), eps=LAYER_NORM_EPS).reshape(-1, dim)  # (M, dim), shared by K and V
+                del t  # the position-embedded grid is not needed past the normalisation
+                # one batched GEMM over [W_k'; W_v'] with the input broadcast (stride 0, not copied): K and V
+                # come out as two contiguous (M, dim) blocks, the layout the attention kernels read
+                kv = torch.baddbmm(bias.view(2, 1, dim), normed.expand(2, -1, -1),
+                                   weight.view(2, dim, dim).transpose(1, 2))             # (2, M, dim)
+                keys.append(kv[0].view(shape))
+                values.append(kv[1].view(shape))
+        else:
+            towers = [add_pos(i, t) for i, t in enumerate(towers)] if add_pos is not None else towers
+            keys = [getattr(self, f"k_proj_{i}")(t) for i, t in enumerate(towers)]
+            values = [getattr(self, f"v_proj_{i}")(t) for i, t in enumerate(towers)]
         o = kernels.sva_window_attention(q, keys, values, num_heads=self.num_heads, grid_side=grid_side, **window)
         return self.o_proj(o)
+
+    def _kv_params(self, i: int) -> tuple[Tensor, ...]:
+        k_norm, k_lin = getattr(self, f"k_proj_{i}")
+        v_norm, v_lin = getattr(self, f"v_proj_{i}")
+        return k_norm.weight, k_norm.bias, k_lin.weight, v_norm.weight, v_norm.bias, v_lin.weight
+
+    def folded_kv(self, i: int) -> tuple[Tensor, Tensor]:
+        """Tower i's K/V projection with both LayerNorm affines folded in: weight (2*dim, dim), bias (2*dim,).
+
+        LN_k(t) W_k^T = ((t - mu)/sigma * g_k + b_k) W_k^T = norm(t) (W_k diag(g_k))^T + W_k b_k, the same for v;
+        K and V are the two halves of norm(t) @ weight^T + bias.  Computed in (at least) float32, cast to the
+        Linear's dtype.  Cached while no gradient can flow (eval / no_grad / frozen); recomputed with autograd
+        otherwise, so training updates reach the original parameters.
+        """
+        params = self._kv_params(i)
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and _can_cache(params)
+        if cacheable:
+            hit = self._kv_cache.get(i)
+            if hit is not None and _cache_key_matches(hit[0], params):
+                return hit[1], hit[2]
+        dtype = params[2].dtype
+        g_k, b_k, w_k, g_v, b_v, w_v = (p.to(torch.promote_types(dtype, torch.float32)) for p in params)
+        weight = torch.cat([w_k * g_k, w_v * g_v]).to(dtype)     # (2*dim, dim): column j scaled by g_j
+        bias = torch.cat([w_k @ b_k, w_v @ b_v]).to(dtype)       # (2*dim,)
+        if cacheable:
+            self._kv_cache[i] = (_cache_key(params), weight, bias)
+        return weight, bias
+
+
+def _can_cache(params: Sequence[Tensor]) -> bool:
+    """Caching needs version counters (not inference tensors) and real storage (not tracing / compiling)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return not any(p.is_inference() or p.is_meta for p in params)
+
+
+def _cache_key(params: Sequence[Tensor]) -> tuple:
+    # weakref: the cache never keeps a replaced parameter alive, and a new tensor reusing its id / address
+    # cannot pass for it; _version counts in-place updates (optimizer steps, load_state_dict, copy_ under
+    # no_grad); data_ptr / dtype / device catch `.data =` swaps and `.to()`.  Edits through `p.data` bypass
+    # the version counter: call `CambrianConnector.clear_fused_cache()` after those.
+    return tuple((weakref.ref(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+
+
+def _cache_key_matches(key: tuple, params: Sequence[Tensor]) -> bool:
+    return len(key) == len(params) and all(
+        ref() is p and version == p._version and ptr == p.data_ptr() and dtype == p.dtype and device == p.device
+        for (ref, version, ptr, dtype, device), p in zip(key, params))
+
 
 
 class VisionCrossAttentionLayer(nn.Module):
@@ -140,11 +227,23 @@ class VisionCrossAttentionLayer(nn.Module):
     def forward(self, queries: Tensor, context: Tensor, towers: Sequence[Tensor], **window: Any) -> Tensor:
         """queries (B, h, w, q_dim), context (B, V), towers (B, n_i, n_i, V) -> (B, h, w, q_dim)."""
         s = self.grid_side(towers)
-        b, h, w, _ = queries.shape
-        ctx = self.proj_context(context)[:, None, None, :].expand(b, h, w, -1)  # same context for every query
-        x = self.proj_in(torch.cat([queries, ctx], dim=-1))                     # (B, h, w, V)
-        grids = [self.add_pos_embed(i, t) for i, t in enumerate(towers)]
-        x = x + self.cross_attn(x, grids, s, **window)
+        b, h, w, q_dim = queries.shape
+        if self.cross_attn.fused:
+            # proj_in(concat(q, c')) = q W_q^T + c' W_c^T: the context half once per image, broadcast to the queries
+            w_in = self.proj_in.weight                                           # (V, q_dim + V)
+            ctx = F.linear(self.proj_context(context), w_in[:, q_dim:])         # (B, V)
+            # 2-D GEMM: the layer-0 queries are a stride-0 broadcast, which 4-D matmul would run as a batched
+            # GEMM with the weight copied per batch row
+            x = F.linear(queries.reshape(b * h * w, q_dim), w_in[:, :q_dim]).view(b, h, w, -1)
+            x = x + ctx[:, None, None, :]                                        # (B, h, w, V)
+        else:
+            ctx = self.proj_context(context)[:, None, None, :].expand(b, h, w, -1)  # same context for every query
+            x = self.proj_in(torch.cat([queries, ctx], dim=-1))                     # (B, h, w, V)
+        if self.cross_attn.fused:  # position embeddings added tower by tower inside, one grid alive at a time
+            x = x + self.cross_attn(x, towers, s, add_pos=self.add_pos_embed, **window)
+        else:
+            grids = [self.add_pos_embed(i, t) for i, t in enumerate(towers)]
+            x = x + self.cross_attn(x, grids, s, **window)
         return self.proj_out(self.norm(x)) + queries
 
 
@@ -288,7 +387,7 @@ class _Spec:
 class CambrianConnector(nn.Module):
     """Tower features -> image tokens for the LLM (+ the in-LLM vision sampler layers). Build with `build_connector`."""
 
-    def __init__(self, spec: _Spec, tower_hidden_sizes: Sequence[int]):
+    def __init__(self, spec: _Spec, tower_hidden_sizes: Sequence[int], fused: bool = True):
         super().__init__()
         tower_hidden_sizes = [int(c) for c in tower_hidden_sizes]
         if len(tower_hidden_sizes) != len(spec.token_lens):
@@ -324,6 +423,7 @@ class CambrianConnector(nn.Module):
                                               nn.Linear(hidden, hidden))
         self.image_newline = nn.Parameter(torch.empty(hidden))
         nn.init.normal_(self.image_newline, std=1.0 / math.sqrt(hidden))
+        self.set_fused(fused)
 
     @property
     def num_sampler_layers(self) -> int:
@@ -331,25 +431,84 @@ class CambrianConnector(nn.Module):
         layers = getattr(self, "vision_sampler_layers", None)
         return len(layers) if layers is not None else 0
 
+    # ------------------------------------------------------------------ fused / reference path
+    @property
+    def fused(self) -> bool:
+        """True: the fused path (folded K/V, per-stage first projection); False: the straightforward math."""
+        return self._fused
+
+    def set_fused(self, enabled: bool = True) -> "CambrianConnector":
+        """Switch every layer between the fused path and the reference (unfused) path; returns self."""
+        self._fused = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, MultiKVCrossAttention):
+                m.fused = self._fused
+        return self
+
+    def clear_fused_cache(self) -> None:
+        """Drop the cached folded K/V weights (needed only after editing parameters through `.data`)."""
+        for m in self.modules():
+            if isinstance(m, MultiKVCrossAttention):
+                m._kv_cache.clear()
+
     # ------------------------------------------------------------------ checks
-    def _check_features(self, tower_features: Sequence[Tensor]) -> list[Tensor]:
+    def _check_features(self, tower_features: Sequence[Tensor | Sequence[Tensor]]) -> list[Tensor | list[Tensor]]:
+        """Validate and cast: per tower a (B, L_i, C_i) tensor or a list of (B, C_k, h_k, w_k) stage maps."""
         names, lens = self.spec.tower_names, self.spec.token_lens
         if isinstance(tower_features, Tensor) or len(tower_features) != len(lens):
             got = "one tensor" if isinstance(tower_features, Tensor) else f"{len(tower_features)}"
             raise ValueError(f"connector expects features from {len(lens)} towers ({', '.join(names)}), got {got}")
-        batch = tower_features[0].shape[0]
-        for i, (f, n, c) in enumerate(zip(tower_features, lens, self.tower_hidden_sizes)):
-            if f.dim() != 3:
-                raise ValueError(f"tower {i} ({names[i]!r}): features must be (B, tokens, channels), got shape {tuple(f.shape)}")
-            if f.shape[1] != n:
-                raise ValueError(f"tower {i} ({names[i]!r}): got {f.shape[1]} tokens, expected {n} "
-                                 f"(a {math.isqrt(n)}x{math.isqrt(n)} grid, mm_vision_tower_aux_token_len_list)")
-            if f.shape[2] != c:
-                raise ValueError(f"tower {i} ({names[i]!r}): got {f.shape[2]} channels, expected {c}")
-            if f.shape[0] != batch:
-                raise ValueError(f"tower {i} ({names[i]!r}): batch {f.shape[0]} differs from tower 0's batch {batch}")
         dtype = self.mm_projector_dtype
-        return [f.to(dtype) for f in tower_features]
+        batch = _batch_of(tower_features[0])
+        out: list[Tensor | list[Tensor]] = []
+        for i, (f, n, c) in enumerate(zip(tower_features, lens, self.tower_hidden_sizes)):
+            if isinstance(f, Tensor):
+                if f.dim() != 3:
+                    raise ValueError(f"tower {i} ({names[i]!r}): features must be (B, tokens, channels) or a list of "
+                                     f"(B, C_k, h_k, w_k) stage maps, got shape {tuple(f.shape)}")
+                if f.shape[1] != n:
+                    raise ValueError(f"tower {i} ({names[i]!r}): got {f.shape[1]} tokens, expected {n} "
+                                     f"(a {math.isqrt(n)}x{math.isqrt(n)} grid, mm_vision_tower_aux_token_len_list)")
+                if f.shape[2] != c:
+                    raise ValueError(f"tower {i} ({names[i]!r}): got {f.shape[2]} channels, expected {c}")
+                if f.shape[0] != batch:
+                    raise ValueError(f"tower {i} ({names[i]!r}): batch {f.shape[0]} differs from tower 0's batch {batch}")
+                out.append(f.to(dtype))
+                continue
+            stages = list(f)
+            if not stages or any(not isinstance(m, Tensor) or m.dim() != 4 for m in stages):
+                raise ValueError(f"tower {i} ({names[i]!r}): a multi-stage tower's features must be a non-empty list of "
+                                 f"(B, C_k, h_k, w_k) stage maps")
+            if sum(m.shape[1] for m in stages) != c:
+                raise ValueError(f"tower {i} ({names[i]!r}): stage maps have {[m.shape[1] for m in stages]} channels, "
+                                 f"{sum(m.shape[1] for m in stages)} in total, expected {c}")
+            if any(m.shape[0] != batch for m in stages):
+                raise ValueError(f"tower {i} ({names[i]!r}): stage batches {[m.shape[0] for m in stages]} differ from "
+                                 f"tower 0's batch {batch}")
+            out.append([m.to(dtype) for m in stages])
+        return out
+
+    def _token_grid(self, i: int, f: Tensor | list[Tensor]) -> Tensor:
+        """Tower i's (B, n_i², C_i) grid; a stage list is resized to n_i and concatenated (`to_token_grid`'s math)."""
+        if isinstance(f, Tensor):
+            return f
+        n = self.tower_sides[i]
+        tokens = [m.flatten(2).transpose(1, 2) for m in f]   # (B, h*w, C_k) views of the conv layout, no copy
+        return kernels.multi_tower_interpolate(tokens, [tuple(m.shape[-2:]) for m in f], (n, n))
+
+    def _project_tower(self, i: int, f: Tensor | list[Tensor]) -> Tensor:
+        """mm_projector_aux_i on tower i -> (B, n_i², V).
+
+        Fused path with a stage list: the first Linear per stage, without the (B, n_i², ΣC_k) concatenation.
+        """
+        proj = getattr(self, f"mm_projector_aux_{i}")
+        if isinstance(f, Tensor) or not self._fused:
+            return proj(self._token_grid(i, f))
+        n, first = self.tower_sides[i], proj[0]
+        tokens = [m.flatten(2).transpose(1, 2) for m in f]   # (B, h*w, C_k) views of the conv layout, no copy
+        x = kernels.multi_tower_interpolate_linear(tokens, [tuple(m.shape[-2:]) for m in f], (n, n),
+                                                   first.weight, first.bias)                 # (B, n², V)
+        return proj[1:](x)
 
     @property
     def mm_projector_dtype(self) -> torch.dtype:
@@ -361,7 +520,9 @@ class CambrianConnector(nn.Module):
                 attention_masks: Sequence[Tensor] | None = None) -> ConnectorOutput:
         """Tower features -> image tokens.
 
-        tower_features: per tower (B, L_i, C_i) on its token grid (L_i = mm_vision_tower_aux_token_len_list[i]).
+        tower_features: per tower (B, L_i, C_i) on its token grid (L_i = mm_vision_tower_aux_token_len_list[i]),
+            or, for a multi-stage tower (ConvNeXt), the list of its stage maps (B, C_k, h_k, w_k) in conv layout
+            with ΣC_k = C_i (resized to the tower grid inside; the fused path never concatenates them).
         image_sizes: B original (width, height), or None = nothing to unpad or mask.
         keep_full_grid: None -> `self.training`.  True: full grid, padded keys masked (explicit bool masks);
             False: padded keys masked (rectangles), then each image unpadded to its valid rectangle.
@@ -370,7 +531,7 @@ class CambrianConnector(nn.Module):
         """
         full = self.training if keep_full_grid is None else bool(keep_full_grid)
         feats = self._check_features(tower_features)
-        b, dev = feats[0].shape[0], feats[0].device
+        b, dev = _batch_of(feats[0]), _device_of(feats[0])
         if image_sizes is not None and len(image_sizes) != b:
             raise ValueError(f"image_sizes has {len(image_sizes)} entries for a batch of {b} images")
         fs = self.final_side
@@ -383,7 +544,8 @@ class CambrianConnector(nn.Module):
         if self.projector_type == "sva":
             grid = self._sva(feats, image_sizes, full, attention_masks, out)            # (B, F*F, V*G)
         else:
-            grid = kernels.multi_tower_interpolate(feats, [(n, n) for n in self.tower_sides], (fs, fs))
+            grids = [self._token_grid(i, f) for i, f in enumerate(feats)]
+            grid = kernels.multi_tower_interpolate(grids, [(n, n) for n in self.tower_sides], (fs, fs))
         x = self.mm_projector(grid).reshape(b, fs, fs, -1)                               # (B, F, F, hidden)
 
         newline = self.image_newline.to(device=dev, dtype=x.dtype)
@@ -415,13 +577,13 @@ class CambrianConnector(nn.Module):
             return {"masks": [kernels.rects_to_mask(r, n) for r, n in zip(rects, self.tower_sides)]}
         return {"valid_rects": rects}
 
-    def _sva(self, feats: list[Tensor], image_sizes: Sequence[Sequence[int]] | None, full: bool,
+    def _sva(self, feats: list[Tensor | list[Tensor]], image_sizes: Sequence[Sequence[int]] | None, full: bool,
              attention_masks: Sequence[Tensor] | None, out: ConnectorOutput) -> Tensor:
-        b, v = feats[0].shape[0], self.spec.vision_hidden_size
-        projected = [getattr(self, f"mm_projector_aux_{i}")(f) for i, f in enumerate(feats)]  # (B, L_i, V)
+        b, v = _batch_of(feats[0]), self.spec.vision_hidden_size
+        projected = [self._project_tower(i, f) for i, f in enumerate(feats)]                   # (B, L_i, V)
         context = projected[0].mean(dim=1)                                                      # (B, V)
         grids = [p.reshape(b, n, n, v) for p, n in zip(projected, self.tower_sides)]
-        validity = self._validity(b, image_sizes, full, attention_masks, feats[0].device)
+        validity = self._validity(b, image_sizes, full, attention_masks, _device_of(feats[0]))
 
         groups = []
         for g, s in enumerate(self.query_sides):
@@ -501,7 +663,11 @@ class CambrianConnector(nn.Module):
                    + torch.arange(w, device=dev))                                        # (n, h, w)
             rr = rows_t[:, None, None].expand_as(pos)
             queries = hidden_states[rr, pos].to(dtype)                                   # (n, h, w, hidden)
-            towers = [t[sel].to(dtype) for t in output.tower_features]
+            images = [i for _, _, i in items]
+            if images == list(range(output.num_images)):   # every image, in order: no gather copy of the towers
+                towers = [t.to(dtype) for t in output.tower_features]
+            else:
+                towers = [t[sel].to(dtype) for t in output.tower_features]
             context = output.global_context[sel].to(dtype)
             offsets = torch.tensor([[output.kept_rects[i][0], output.kept_rects[i][2]] for _, _, i in items],
                                    dtype=torch.long, device=dev)
@@ -518,11 +684,21 @@ class CambrianConnector(nn.Module):
         return hidden_states.index_put((torch.cat(row_idx), torch.cat(pos_idx)), torch.cat(new_values))
 
 
-def build_connector(config: CambrianConfig | Mapping[str, Any], tower_hidden_sizes: Sequence[int]) -> CambrianConnector:
+def build_connector(config: CambrianConfig | Mapping[str, Any], tower_hidden_sizes: Sequence[int],
+                    fused: bool = True) -> CambrianConnector:
     """The connector for a config (a `CambrianConfig`, or a config.json dict with `hidden_size` = LLM width).
 
     tower_hidden_sizes: the channels each tower hands over (C_i), in `mm_vision_tower_aux_list` order.
+    fused: start on the fused path (default) or the reference path (`CambrianConnector.set_fused`).
     A dict needs no other LLM keys: the in-LLM layers follow `num_of_vision_sampler_layers`.
     Raises `ConfigError` (a ValueError) naming the offending key for inconsistent settings.
     """
-    return CambrianConnector(_Spec.from_config(config), tower_hidden_sizes)
+    return CambrianConnector(_Spec.from_config(config), tower_hidden_sizes, fused=fused)
+
+
+def _batch_of(f: Tensor | Sequence[Tensor]) -> int:
+    return f.shape[0] if isinstance(f, Tensor) else f[0].shape[0]
+
+
+def _device_of(f: Tensor | Sequence[Tensor]) -> torch.device:
+    return f.device if isinstance(f, Tensor) else f[0].device

@@ -130,6 +130,8 @@ class CambrianForCausalLM(nn.Module):
 
         images: one (N, 3, R_i, R_i) tensor per tower (from `process_images`), N images in total.
         image_sizes: N original (width, height) for unpadding / masking, or None.
+        ViT features are resized to their token grid here; a multi-stage (ConvNeXt) tower's stage list is
+        handed to the connector as is (it resizes the stages fused with its first projection).
         """
         if self.connector is None:
             raise ValueError("this model has no vision towers: it cannot take images")
@@ -144,9 +146,14 @@ class CambrianForCausalLM(nn.Module):
                 pixels = pixels.to(device=tower_param.device, dtype=tower_param.dtype)
             with torch.set_grad_enabled(torch.is_grad_enabled() and tower_param is not None and tower_param.requires_grad):
                 feats = tower(pixels)
-            features.append(to_token_grid(feats, side))  # (N, side*side, C_i)
-        connector_param = next(self.connector.parameters())
-        features = [f.to(connector_param.dtype) for f in features]
+            if isinstance(feats, torch.Tensor):
+                features.append(to_token_grid(feats, side))  # ViT: (N, side*side, C_i)
+            else:
+                # multi-stage (ConvNeXt): the stage maps (N, C_k, h_k, w_k) go to the connector as they are; it
+                # resizes them to the tower grid itself, fused with its first projection (no (N, side², ΣC_k) concat)
+                features.append(list(feats))
+        dtype = next(self.connector.parameters()).dtype
+        features = [f.to(dtype) if isinstance(f, torch.Tensor) else [m.to(dtype) for m in f] for f in features]
         return self.connector(features, image_sizes=image_sizes, keep_full_grid=keep_full_grid)
 
     # ------------------------------------------------------------------ splicing

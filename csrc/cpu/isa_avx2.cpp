@@ -1,0 +1,32 @@
+// The CPU kernels compiled for: AVX2 + FMA + F16C.  See kernels_impl.h for the rules.
+// Headers first (outside any target pragma), then the pragmas, then the kernels in their own namespace.
+#include <cstdint>
+#include <cstdlib>
+
+#include "cpu_kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+#pragma GCC optimize("fp-contract=off")
+#pragma GCC target("avx2,fma,f16c")
+#define CAMBRIAN_ISA_AVX2 1
+#define CAMBRIAN_ISA_NAME "avx2"
+
+namespace cambrian::cpu::isa_avx2 {
+#include "kernels_impl.h"
+}  // namespace cambrian::cpu::isa_avx2
+
+#pragma GCC reset_options
+
+namespace cambrian::cpu {
+const KernelTable* table_avx2() { return &isa_avx2::kTable; }
+}  // namespace cambrian::cpu
+
+#else  // not x86: this variant is the baseline build
+
+namespace cambrian::cpu {
+const KernelTable* table_avx2() { return table_base(); }
+}  // namespace cambrian::cpu
+
+#endif
