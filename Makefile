@@ -6,12 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-xla clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# torch_xla on PJRT_DEVICE=CPU in its own venv (.venv-xla: torch 2.9 + torch_xla 2.9, ~4 GB of downloads).
+test-xla:
+	scripts/test_xla.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
