@@ -299,31 +299,47 @@ def save_pretrained(model: CambrianForCausalLM, folder: str, tokenizer: Any = No
     (so the checkpoint is self-contained; released checkpoints do not carry their towers).
     template: conversation template name, written to `cambrian_template.txt`.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     os.makedirs(folder, exist_ok=True)
     model.config.save_pretrained(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.checkpoint_state_dict().items()}
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    for old in os.listdir(folder):  # shards of an earlier save would be read back by mistake
-        if old.startswith("model") and (old.endswith(".safetensors") or old == SAFE_INDEX):
-            os.remove(os.path.join(folder, old))
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: state[k] for k in keys}, os.path.join(folder, filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        with open(os.path.join(folder, SAFE_INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    template = template or model.template_name
-    if template:
-        with open(os.path.join(folder, "cambrian_template.txt"), "w", encoding="utf-8") as f:
-            f.write(template + "\n")
+    write_weights(model.checkpoint_state_dict(), folder, max_shard_size)
+    write_tokenizer_and_template(folder, tokenizer if tokenizer is not None else model.tokenizer,
+                                 template or model.template_name)
     if save_towers:
         from .vision_towers import tower_dir_name
 
         for name, tower in zip(model.config.mm_vision_tower_aux_list, model.vision_towers):
             tower.save_pretrained(os.path.join(folder, "vision_towers", tower_dir_name(name)))
+
+
+def write_weights(state: Mapping[str, torch.Tensor], folder: str, max_shard_size: str | int = "5GB") -> list[str]:
+    """Write `state` as model.safetensors, or shards + model.safetensors.index.json; returns the file names.
+
+    Weight files of an earlier save in `folder` are removed first (they would be read back by mistake).
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    for old in os.listdir(folder):
+        if old.startswith("model") and (old.endswith(".safetensors") or old == SAFE_INDEX):
+            os.remove(os.path.join(folder, old))
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    written = []
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, os.path.join(folder, filename), metadata={"format": "pt"})
+        written.append(filename)
+    if split.is_sharded:
+        with open(os.path.join(folder, SAFE_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
+        written.append(SAFE_INDEX)
+    return written
+
+
+def write_tokenizer_and_template(folder: str, tokenizer: Any, template: str | None) -> None:
+    """The tokenizer files and `cambrian_template.txt` (the conversation template's name)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if template:
+        with open(os.path.join(folder, "cambrian_template.txt"), "w", encoding="utf-8") as f:
+            f.write(template + "\n")

@@ -294,13 +294,14 @@ class VisionTower(nn.Module):
         return stages
 
     # -------------------------------------------------------------------------------- saving
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write a transformers folder (config.json + model.safetensors) plus a preprocessor_config.json
-        with image_size, image_mean, image_std and pad_color; `load_vision_tower` reads it back exactly."""
+        with image_size, image_mean, image_std and pad_color; `load_vision_tower` reads it back exactly.
+        state_dict: the backbone's weights to write (e.g. gathered by a training engine); default: its own."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         with quiet_transformers():
-            self.model.save_pretrained(folder)
+            self.model.save_pretrained(folder, state_dict=state_dict)
         pre = {
             "tower_kind": self.kind,
             "image_size": self.image_size,

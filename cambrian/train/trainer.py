@@ -20,7 +20,6 @@ ZeRO-2/3 (`--deepspeed scripts/zero*.json`) and torch_xla (`PJRT_DEVICE=TPU|CPU`
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import sys
@@ -118,10 +117,9 @@ def save_trained_checkpoint(model: CambrianForCausalLM, output_dir: str, state_d
         loadable with model_base=<LLM> (merged at load time).
     Trainable towers are written as transformers folders under vision_towers/ (found there at load time).
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from cambrian.model.builder import SAFE_INDEX
+    from cambrian.model.builder import SAFE_INDEX, write_tokenizer_and_template, write_weights
     from cambrian.model.vision_towers import tower_dir_name
 
     os.makedirs(output_dir, exist_ok=True)
@@ -149,39 +147,17 @@ def save_trained_checkpoint(model: CambrianForCausalLM, output_dir: str, state_d
         state = {**llm_state, **conn_state}
         if getattr(model.config.llm_config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        state = _cpu(state)
-        split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                                   max_shard_size=max_shard_size)
-        for filename, keys in split.filename_to_tensors.items():
-            save_file({k: state[k] for k in keys}, os.path.join(output_dir, filename), metadata={"format": "pt"})
-            written.append(filename)
-        if split.is_sharded:
-            with open(os.path.join(output_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
-                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
-            written.append(SAFE_INDEX)
+        written += write_weights(state, output_dir, max_shard_size)
 
     for i, tower in enumerate(model.vision_towers):
         if not getattr(tower, "trainable", False) or i not in tower_states:
             continue
         name = model.config.mm_vision_tower_aux_list[i]
-        folder = os.path.join(output_dir, "vision_towers", tower_dir_name(name))
-        with _quiet():
-            tower.model.save_pretrained(folder, state_dict=_cpu(tower_states[i]))
-        pre = {"tower_kind": tower.kind, "image_size": tower.image_size,
-               "crop_size": {"height": tower.image_size, "width": tower.image_size},
-               "image_mean": list(tower.image_mean), "image_std": list(tower.image_std),
-               "pad_color": list(tower.pad_color)}
-        with open(os.path.join(folder, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-            json.dump(pre, f, indent=2)
+        tower.save_pretrained(os.path.join(output_dir, "vision_towers", tower_dir_name(name)), _cpu(tower_states[i]))
         written.append(os.path.join("vision_towers", tower_dir_name(name)))
 
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
-    template = template or model.template_name
-    if template:
-        with open(os.path.join(output_dir, "cambrian_template.txt"), "w", encoding="utf-8") as f:
-            f.write(template + "\n")
+    write_tokenizer_and_template(output_dir, tokenizer if tokenizer is not None else model.tokenizer,
+                                 template or model.template_name)
     return written
 
 
