@@ -20,7 +20,7 @@ from cambrian.model.tiny import tiny_tokenizer
 
 ALLOWED = {
     "color": set(S.COLORS), "shape": set(S.SHAPES), "count": set(S.NUMBER_WORDS[:5]),
-    "position": {"left", "right", "above", "below"}, "size": set(S.SIZES),
+    "position": set(S.SHAPES), "size": set(S.SIZES),
 }
 
 
@@ -50,14 +50,14 @@ def check_answer(sample):
     if m := re.fullmatch(r"How many (\w+)s are there\?", q):
         assert m[1] in S.SHAPES
         return S.NUMBER_WORDS[sum(o.shape == m[1] for o in objs)]
-    if m := re.fullmatch(r"Is the (.+) left or right of the (.+)\?", q):
-        a, b = _one(objs, m[1]), _one(objs, m[2])
-        assert a is not b and a.col != b.col
-        return "left" if a.col < b.col else "right"
-    if m := re.fullmatch(r"Is the (.+) above or below the (.+)\?", q):
-        a, b = _one(objs, m[1]), _one(objs, m[2])
-        assert a is not b and a.row != b.row
-        return "above" if a.row < b.row else "below"
+    if m := re.fullmatch(r"Which is (further left|further right|higher|lower), the (.+) or the (.+)\?", q):
+        assert len(objs) == 2, "relative-position questions are about two-object scenes"
+        a, b = _one(objs, m[2]), _one(objs, m[3])
+        assert a is not b and a.shape != b.shape
+        key = {"further left": lambda o: o.col, "further right": lambda o: -o.col,
+               "higher": lambda o: o.row, "lower": lambda o: -o.row}[m[1]]
+        assert key(a) != key(b), "the two objects must differ along the asked direction"
+        return min((a, b), key=key).shape
     if m := re.fullmatch(r"What size is the (.+)\?", q):
         assert not set(m[1].split()) & set(S.SIZES), "the question must not give the answer away"
         return _one(objs, m[1]).size
@@ -149,8 +149,8 @@ def test_config_options_and_validation():
 
 
 def test_score_per_type_and_overall():
-    refs = [("red", "color"), ("two", "count"), ("left", "position"), ("small", "size")]
-    scores = S.score(["Red.", "2", "right", "small, I think"], refs)
+    refs = [("red", "color"), ("two", "count"), ("circle", "position"), ("small", "size")]
+    scores = S.score(["Red.", "2", "square", "small, I think"], refs)
     assert scores == {"color": 1.0, "count": 1.0, "position": 0.0, "size": 1.0, "overall": 0.75}
     samples = S.generate(10, seed=0)
     assert S.score([s.answer for s in samples], samples)["overall"] == 1.0
@@ -178,6 +178,20 @@ def test_in_memory_records_train_through_the_dataset():
     words = set(" ".join(S.tokenizer_corpus()).replace("?", " ").split())
     used = {w.strip("?") for s in S.generate(300, seed=0) for w in (s.question + " " + s.answer).split()}
     assert used <= words
+
+
+def test_question_first_records_put_the_image_after_the_question():
+    tok = tiny_tokenizer("llama_3")
+    procs = [ImageProcessor(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    samples = S.generate(3, seed=0)
+    records = S.to_records(samples, question_first=True)
+    assert [r["conversations"][0]["value"] for r in records] == [s.question + "\n<image>" for s in samples]
+    ds = LazySupervisedDataset(records, tok, procs, template="llama_3")
+    for i, s in enumerate(samples):
+        ids = ds[i]["input_ids"].tolist()
+        image_at = ids.index(IMAGE_TOKEN_INDEX)
+        assert s.question.split()[-1] in tok.decode(ids[:image_at])  # the whole question precedes the image
+        assert tok.decode([t for t in ds[i]["labels"].tolist() if t != IGNORE_INDEX]) == s.answer + "<|eot_id|>"
 
 
 def test_cli_writes_llava_jsonl_and_pngs(tmp_path):

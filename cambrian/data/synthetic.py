@@ -7,13 +7,16 @@ cells of a 3×3 grid.  Each sample asks one question whose answer is a single wo
     shape     "What shape is the blue object?" / "What shape is the small red object?"   -> circle, square, triangle
     count     "How many shapes are there?" / "How many red shapes are there?" /
               "How many triangles are there?"                                            -> zero ... four
-    position  "Is the red circle left or right of the blue square?" /
-              "Is the red circle above or below the blue square?"                        -> left, right, above, below
+    position  "Which is further left, the red circle or the square?" / "... further right ..." /
+              "Which is higher, ...?" / "Which is lower, ...?"  (two-object scenes)     -> circle, square, triangle
     size      "What size is the green triangle?"                                         -> small, large
 
 Questions are only asked when they are unambiguous: an object is named by the shortest description that fits
-it alone (e.g. "the circle" only if there is exactly one circle), left/right only for objects in different
-columns, above/below only for different rows.  Question types are balanced (sample i gets type i mod 5).
+it alone (e.g. "the circle" only if there is exactly one circle); relative-position questions compare two
+objects of different shapes in different columns (left/right) or rows (higher/lower), in scenes of exactly
+those two objects (telling which two of several objects are meant and then comparing them is a multi-hop
+problem the demo model does not learn within its training budget; with two objects, measured with ideal
+visual features, it goes from chance to 92% in 1,500 steps).  Question types are balanced (sample i gets type i mod 5).
 
 Everything is deterministic for a seed: sample i of a split is drawn from its own `random.Random` seeded by
 (seed, split, i).  The held-out split never reuses a scene (image) of the train split.
@@ -78,6 +81,8 @@ class SyntheticConfig:
                              f"{self.max_shapes}, grid {self.grid})")
         if self.large_radius + self.jitter > 0.5:
             raise ValueError("large_radius + jitter must be <= 0.5 so shapes stay inside their cells")
+        if "position" in self.question_types and self.grid * self.grid < 2:
+            raise ValueError("position questions need a grid of at least two cells")
         unknown = set(self.question_types) - set(QUESTION_TYPES)
         if unknown or not self.question_types:
             raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {self.question_types}")
@@ -143,12 +148,19 @@ class SyntheticSample:
     def scene_key(self) -> Scene:
         return tuple(sorted(self.objects, key=lambda o: (o.row, o.col)))
 
-    def to_record(self, image: Any = None) -> dict[str, Any]:
-        """LLaVA record; `image` defaults to the PIL image (in-memory training), pass a path when writing."""
+    def to_record(self, image: Any = None, question_first: bool = False) -> dict[str, Any]:
+        """LLaVA record; `image` defaults to the PIL image (in-memory training), pass a path when writing.
+
+        question_first: put the image after the question ("<question>\n<image>") instead of LLaVA's usual
+        "<image>\n<question>".  In a causal LLM the image tokens can then attend to the question, so each
+        one can tell whether it holds the object asked about; a small model learns the look-ups far faster
+        that way (measured with ideal visual features: color/shape/size 100% after 750 steps, against
+        55-65% with the image first)."""
+        human = self.question + "\n<image>" if question_first else "<image>\n" + self.question
         return {
             "id": self.id,
             "image": self.image if image is None else image,
-            "conversations": [{"from": "human", "value": "<image>\n" + self.question},
+            "conversations": [{"from": "human", "value": human},
                               {"from": "gpt", "value": self.answer}],
             "question_type": self.qtype,
             "answer": self.answer,
@@ -199,17 +211,22 @@ def _ask(qtype: str, objects: Scene, rng: random.Random) -> tuple[str, str] | No
         n = sum(o.shape == shape for o in objects)
         return f"How many {PLURALS[shape]} are there?", NUMBER_WORDS[n]
     if qtype == "position":
-        named = [(o, _name(o, objects)) for o in objects]
-        named = [(o, n) for o, n in named if n is not None]
-        pairs = [(a, b) for a in named for b in named if a[0] is not b[0]]
+        # "Which is further left, the red circle or the square?" -> "square".  Both objects are named by their
+        # shortest unique description and have different shapes, so the shape word answers the question.
+        named = [(o, n) for o in objects if (n := _name(o, objects)) is not None]
+        pairs = [(a, b) for a in named for b in named if a[0].shape != b[0].shape]
         if not pairs:
             return None
         (a, na), (b, nb) = rng.choice(pairs)
         forms = []
         if a.col != b.col:
-            forms.append((f"Is the {na} left or right of the {nb}?", "left" if a.col < b.col else "right"))
+            left, right = (a, b) if a.col < b.col else (b, a)
+            forms += [(f"Which is further left, the {na} or the {nb}?", left.shape),
+                      (f"Which is further right, the {na} or the {nb}?", right.shape)]
         if a.row != b.row:
-            forms.append((f"Is the {na} above or below the {nb}?", "above" if a.row < b.row else "below"))
+            top, bottom = (a, b) if a.row < b.row else (b, a)
+            forms += [(f"Which is higher, the {na} or the {nb}?", top.shape),
+                      (f"Which is lower, the {na} or the {nb}?", bottom.shape)]
         return rng.choice(forms)  # distinct cells: at least one form exists
     if qtype == "size":
         options = [(f"What size is the {n}?", o.size) for o in objects
@@ -218,8 +235,8 @@ def _ask(qtype: str, objects: Scene, rng: random.Random) -> tuple[str, str] | No
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def _scene(rng: random.Random, config: SyntheticConfig) -> Scene:
-    n = rng.randint(config.min_shapes, config.max_shapes)
+def _scene(rng: random.Random, config: SyntheticConfig, n: int | None = None) -> Scene:
+    n = n if n is not None else rng.randint(config.min_shapes, config.max_shapes)
     cells = rng.sample(range(config.grid * config.grid), n)
     objs = []
     for c in sorted(cells):
@@ -241,7 +258,9 @@ def generate(n: int, seed: int = 0, split: str = "train", config: SyntheticConfi
         rng = random.Random(f"cambrian-synthetic/{seed}/{split}/{i}")
         qtype = types[i % len(types)]
         for _attempt in range(10_000):
-            objects = _scene(rng, config)
+            # Relative-position questions are asked about two-object scenes: comparing two objects picked out
+            # among distractors is a multi-hop problem a model of the demo's size does not learn in minutes.
+            objects = _scene(rng, config, 2 if qtype == "position" else None)
             key = tuple(sorted(objects, key=lambda o: (o.row, o.col)))
             if exclude_scenes is not None and key in exclude_scenes:
                 continue
@@ -265,9 +284,10 @@ def make_splits(n_train: int, n_heldout: int, seed: int = 0,
     return train, heldout
 
 
-def to_records(samples: Sequence[SyntheticSample]) -> list[dict[str, Any]]:
-    """LLaVA records with PIL images, for `LazySupervisedDataset(records, ...)` without touching the disk."""
-    return [s.to_record() for s in samples]
+def to_records(samples: Sequence[SyntheticSample], question_first: bool = False) -> list[dict[str, Any]]:
+    """LLaVA records with PIL images, for `LazySupervisedDataset(records, ...)` without touching the disk
+    (`question_first`: see `SyntheticSample.to_record`)."""
+    return [s.to_record(question_first=question_first) for s in samples]
 
 
 def tokenizer_corpus() -> list[str]:
@@ -277,15 +297,16 @@ def tokenizer_corpus() -> list[str]:
     texts += [f"What shape is the {c} object? {shapes}" for c in COLORS]
     texts += [f"How many {c} shapes are there? How many {PLURALS[s]} are there? " + " ".join(NUMBER_WORDS[:5])
               for c in COLORS for s in SHAPES]
-    texts += [f"Is the small {c} {s} left or right of the large {s}? Is it above or below? left right above below"
-              for c in COLORS for s in SHAPES]
+    texts += [f"Which is {d}, the small {c} {s} or the large {s}?"
+              for d in ("further left", "further right", "higher", "lower") for c in COLORS for s in SHAPES]
     texts += [f"What size is the {c} {s}? small large" for c in COLORS for s in SHAPES]
     return texts
 
 
 # ---------------------------------------------------------------------------------------------- files
 def write_dataset(output_dir: str, n_train: int, n_heldout: int, seed: int = 0,
-                  config: SyntheticConfig | None = None, progress: bool = False) -> dict[str, str]:
+                  config: SyntheticConfig | None = None, progress: bool = False,
+                  question_first: bool = False) -> dict[str, str]:
     """Write images/<split>/<id>.png, train.jsonl, heldout.jsonl (image paths relative to `output_dir`, so
     `LazySupervisedDataset(<dir>/train.jsonl, ...)` finds them) and meta.json.  Returns the paths."""
     config = config or SyntheticConfig()
@@ -304,11 +325,11 @@ def write_dataset(output_dir: str, n_train: int, n_heldout: int, seed: int = 0,
             for s in iterable:
                 rel = f"images/{split}/{s.id}.png"
                 s.image.save(os.path.join(output_dir, rel))
-                f.write(json.dumps(s.to_record(rel)) + "\n")
+                f.write(json.dumps(s.to_record(rel, question_first=question_first)) + "\n")
         os.replace(path + ".tmp", path)
         paths[split] = path
     meta = {
-        "seed": seed, "config": dataclasses.asdict(config),
+        "seed": seed, "config": dataclasses.asdict(config), "question_first": question_first,
         "counts": {"train": len(train), "heldout": len(heldout)},
         "question_types": {"train": dict(Counter(s.qtype for s in train)),
                            "heldout": dict(Counter(s.qtype for s in heldout))},
@@ -383,11 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=3)
     parser.add_argument("--max-shapes", type=int, default=4)
     parser.add_argument("--jitter", type=float, default=0.0)
+    parser.add_argument("--question-first", action="store_true",
+                        help="put the image after the question (\"<question>\\n<image>\")")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = SyntheticConfig(image_size=args.image_size, grid=args.grid, max_shapes=args.max_shapes,
                              jitter=args.jitter)
-    paths = write_dataset(args.output_dir, args.train, args.heldout, args.seed, config, progress=not args.no_progress)
+    paths = write_dataset(args.output_dir, args.train, args.heldout, args.seed, config, progress=not args.no_progress,
+                          question_first=args.question_first)
     with open(paths["meta"], encoding="utf-8") as f:
         meta = json.load(f)
     for split in ("train", "heldout"):
