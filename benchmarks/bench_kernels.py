@@ -27,7 +27,9 @@ Each in ``fwd`` and ``fwd+bwd`` mode.  Reported per row:
   fixed 16 KB mmap threshold so freed tensors really return to the OS.  It includes the op's outputs
   (and gradients), which both backends must produce.  (tracemalloc cannot see torch's allocations.)
 
-Prints a table and writes JSON (default ``benchmarks/results/kernels.json``).  ``--quick`` uses small
+Prints a table, writes JSON (default ``benchmarks/results/kernels.json``) and a PNG chart beside it (same name,
+``.png``; ``--chart PATH`` / ``--no-chart``): speed-up over the reference, time over the bandwidth floor, peak
+memory.  ``--quick`` uses small
 shapes (a smoke test, also run by tests/test_kernels_cpp.py).  Times are never asserted on.
 """
 from __future__ import annotations
@@ -259,6 +261,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    ap.add_argument("--chart", type=Path, default=None, help="PNG chart path (default: --out with .png)")
+    ap.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 2 (quick: 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
@@ -339,6 +343,58 @@ def main() -> None:
               f"{r['cpp_over_floor']:>8.2f}{r['cpp_peak_mb']:>8.1f}{r['reference_peak_mb']:>8.1f}"
               + (f"{r['peak_ratio']:>6.1f}x" if r["peak_ratio"] is not None else f"{'n/a':>7}"))
     print(f"wrote {args.out}")
+    if not args.no_chart:
+        write_chart(result, args.chart or args.out.with_suffix(".png"))
+
+
+TARGET_FLOOR_RATIO = 1.5  # issue 3: each kernel within 1.5x of its memory-bandwidth floor
+
+
+def write_chart(result: dict, path: Path) -> None:
+    """Three panels per row: speed-up over the reference, time over the bandwidth floor, peak memory."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: benchmarks run headless
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipped the PNG chart (pip install -r requirements.txt)")
+        return
+    rows = result["rows"]
+    labels = [f"{r['kernel'].replace('interp_', 'interp ')}\nB={r['batch']} {r['mode']}" for r in rows]
+    xs = list(range(len(rows)))
+    w = 0.38
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(max(8.0, 0.9 * len(rows) + 2), 11), sharex=True)
+    ax1.bar([x - w / 2 for x in xs], [r["speedup"] for r in rows], w, label="fresh outputs (page faults)")
+    ax1.bar([x + w / 2 for x in xs], [r["speedup_warm"] for r in rows], w, label="reused memory (warm)")
+    ax1.axhline(1.0, color="black", lw=0.8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("reference time / cpp time")
+    ax1.set_title("speed-up of the C++ kernel over the reference (median wall time)")
+    ax1.legend(fontsize=8)
+    ax2.bar(xs, [r["cpp_over_floor"] for r in rows], 2 * w, color="tab:green")
+    ax2.axhline(1.0, color="black", lw=0.8)
+    ax2.axhline(TARGET_FLOOR_RATIO, color="tab:red", ls="--", lw=1, label=f"target {TARGET_FLOOR_RATIO}x")
+    for x, r in zip(xs, rows):
+        ax2.text(x, r["cpp_over_floor"], f"{r['cpp_over_floor']:.2f}", ha="center", va="bottom", fontsize=7)
+    ax2.set_ylabel("cpp warm time / floor")
+    ax2.set_title(f"time over the memory-bandwidth floor (bytes moved at "
+                  f"{result['copy_bandwidth_gbps_warm']:.1f} GB/s copy bandwidth)")
+    ax2.legend(fontsize=8)
+    ax3.bar([x - w / 2 for x in xs], [r["cpp_peak_mb"] for r in rows], w, label="cpp")
+    ax3.bar([x + w / 2 for x in xs], [r["reference_peak_mb"] for r in rows], w, label="reference")
+    ax3.set_yscale("log")
+    ax3.set_ylabel("peak RSS growth (MB)")
+    ax3.set_title("peak memory during the call (outputs included)")
+    ax3.legend(fontsize=8)
+    ax3.set_xticks(xs, labels, fontsize=7)
+    fig.suptitle(f"cambrian CPU kernels, {result['dtype']}, {result['threads']} thread(s), isa {result['isa']}"
+                 + (" (quick shapes)" if result["quick"] else ""))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
