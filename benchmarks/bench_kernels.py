@@ -19,8 +19,8 @@ Each in ``fwd`` and ``fwd+bwd`` mode.  Reported per row:
   ``*_ms_warm`` with ``MALLOC_MMAP_MAX_=0`` (freed memory is reused: no page faults, kernel work only);
   the JSON also has the process CPU time of the same calls (``*_cpu_ms``), which a busy machine distorts
   far less than wall time when the workers run one thread (``--threads 1``);
-* the memory-bandwidth floor: the bytes the kernel must read and write (inputs actually touched,
-  outputs, gradients; never intermediates) divided by the copy bandwidth measured in the same process
+* the memory-bandwidth floor: the bytes the kernel must read and write (inputs actually touched, in whole
+  cache lines; outputs, gradients; never intermediates) divided by the copy bandwidth measured in the same process
   (``torch`` copy of a 256 MB tensor, counted as read + write); ``cpp_over_floor`` uses the warm time;
 * peak memory: the growth of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs`` before each call) over the resident set before the call, in a process with a
@@ -72,10 +72,10 @@ def specs(quick: bool, batches: list[int]) -> list[dict]:
             for m in ("fwd", "fwd+bwd")]
 
 
-def touched(n_in: int, n_out: int) -> int:
-    """How many source rows (or cols) bilinear resizing reads (ATen's taps, nonzero weights)."""
+def touched_indices(n_in: int, n_out: int) -> set[int]:
+    """Which source rows (or cols) bilinear resizing reads (ATen's taps, nonzero weights)."""
     if n_in == n_out:
-        return n_in
+        return set(range(n_in))
     scale = n_in / n_out
     used = set()
     for d in range(n_out):
@@ -85,7 +85,27 @@ def touched(n_in: int, n_out: int) -> int:
         used.add(i0)
         if lam > 0 and i0 < n_in - 1:
             used.add(i0 + 1)
-    return len(used)
+    return used
+
+
+def touched(n_in: int, n_out: int) -> int:
+    """How many source rows (or cols) bilinear resizing reads."""
+    return len(touched_indices(n_in, n_out))
+
+
+def input_bytes(layout: str, b: int, channels: int, h: int, w: int, dst: tuple[int, int], elt: int) -> int:
+    """Bytes of one grid that must come from memory, in whole 64-byte cache lines.
+
+    token-major (B, h*w, C): every touched pixel is a contiguous run of C values (whole lines for the C here).
+    conv layout (B, C, h, w): a touched source row of a plane is read in the lines that hold its touched
+    columns -- when downsampling 256 -> 96 those are all lines of the row, though only 3/4 of its columns
+    are used, so counting columns alone would understate what any kernel has to move.
+    """
+    rows = touched(h, dst[0])
+    if layout == "tokens":
+        return b * rows * touched(w, dst[1]) * channels * elt
+    lines = len({c * elt // 64 for c in touched_indices(w, dst[1])})
+    return b * channels * rows * min(lines * 64, w * elt)
 
 
 def build(spec: dict, dtype):
@@ -109,7 +129,8 @@ def build(spec: dict, dtype):
         dst = (spec["dst"], spec["dst"])
         channels = sum(x.shape[-1] if x.dim() == 3 else x.shape[1] for x in leaves)
         out_bytes = b * dst[0] * dst[1] * channels * elt
-        in_bytes = sum(b * touched(h, dst[0]) * touched(w, dst[1]) * (x.shape[-1] if x.dim() == 3 else x.shape[1]) * elt
+        in_bytes = sum(input_bytes("tokens" if x.dim() == 3 else "conv", b, x.shape[-1] if x.dim() == 3 else x.shape[1],
+                                   h, w, dst, elt)
                        for x, (h, w) in zip(leaves, sizes))
         moved = in_bytes + out_bytes
         if bwd:
@@ -322,7 +343,7 @@ def main() -> None:
         method=dict(time="median wall time, cache flushed before each call; *_ms default allocator (page faults "
                          "included), *_ms_warm with freed memory reused (MALLOC_MMAP_MAX_=0); *_cpu_ms* = process "
                          "CPU time (all threads, spin-waits included) -- robust to a busy machine at --threads 1",
-                    floor="bytes that must move (touched inputs + outputs [+ grad_out read + grads written]) / "
+                    floor="bytes that must move (touched inputs in whole 64-byte lines + outputs [+ grad_out read + grads written]) / "
                           "copy bandwidth (256 MB torch copy, read+write) of the warm process; ratio uses *_ms_warm",
                     memory="growth of VmHWM over VmRSS during the call (outputs included), reset via "
                            "/proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=16K"),
