@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 
 from setuptools import setup
 
@@ -50,7 +52,45 @@ def native_extensions():
     else:
         common["extra_compile_args"] = common["extra_compile_args"]["cxx"]
         ext = CppExtension("cambrian.kernels._C", cpu_sources, **common)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": atomic_copy_build_ext(BuildExtension.with_options(use_ninja=False))}
+
+
+def atomic_copy_build_ext(base: type) -> type:
+    """`base` (a build_ext) whose file copies replace the destination atomically.
+
+    An editable / in-place build copies the freshly linked `_C*.so` over `kernels/_C*.so`.  distutils'
+    copy_file truncates and rewrites the existing file, i.e. the same inode that every running process
+    with the extension loaded has mmapped -- they crash (SIGBUS / garbage code) on their next call into it.
+    Writing a temporary file in the destination directory and renaming it over the old name gives the
+    path a new inode instead; running processes keep the old one mapped until they exit.
+    """
+
+    class AtomicCopyBuildExt(base):
+        def copy_file(self, infile, outfile, preserve_mode=True, preserve_times=True, link=None, level=1):
+            if link is not None or getattr(self, "dry_run", False):
+                return super().copy_file(infile, outfile, preserve_mode, preserve_times, link, level)
+            dest = os.path.join(outfile, os.path.basename(infile)) if os.path.isdir(outfile) else outfile
+            directory = os.path.dirname(os.path.abspath(dest))
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as out, open(infile, "rb") as src:
+                    shutil.copyfileobj(src, out)
+                if preserve_mode:
+                    shutil.copymode(infile, tmp)
+                else:  # mkstemp made it 0600
+                    os.chmod(tmp, 0o644)
+                if preserve_times:
+                    st = os.stat(infile)
+                    os.utime(tmp, (st.st_atime, st.st_mtime))
+                os.replace(tmp, dest)  # atomic on POSIX: the old inode lives on for whoever has it open
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            print(f"copying {infile} -> {dest} (atomic replace)")
+            return dest, 1
+
+    return AtomicCopyBuildExt
 
 
 ext_modules, cmdclass = native_extensions()

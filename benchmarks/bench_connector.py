@@ -27,7 +27,7 @@ FLOPs: torch.utils.flop_counter.FlopCounterMode on the meta device.  GEMM floor:
 at the measured GEMM rate; floor_ratio = fused time / floor.
 
 Usage: python benchmarks/bench_connector.py [--quick] [--batches 1 2] [--repeats 5]
-       [--json benchmarks/results/connector.json] [--chart benchmarks/results/connector.png | --no-chart]
+       [--json benchmarks/results/connector.json] [--chart PATH (default: the --json path as .png) | --no-chart]
 """
 from __future__ import annotations
 
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=None, help="timed forwards per case (default 5, quick 3)")
     ap.add_argument("--json", type=Path, default=RESULTS / "connector.json")
-    ap.add_argument("--chart", type=Path, default=RESULTS / "connector.png")
-    ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument("--chart", type=Path, default=None, help="PNG chart path (default: --json with .png)")
+    ap.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     print(f"wrote {args.json}")
     if not args.no_chart:
-        write_chart(result, args.chart)
+        write_chart(result, args.chart or args.json.with_suffix(".png"))
     return 0
 
 
@@ -356,34 +356,56 @@ def print_table(result: dict) -> None:
 
 
 def write_chart(result: dict, path: Path) -> None:
+    """Times (with the GEMM floor), the three target ratios against their targets, peak memory."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display: benchmarks run headless
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed; skipped the PNG chart (add matplotlib to requirements to get it)")
+        print("note: matplotlib is not installed; skipped the PNG chart (pip install -r requirements.txt)")
         return
     cases = result["cases"]
     labels = [f"B={c['batch']}" for c in cases]
-    xs = range(len(cases))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = list(range(len(cases)))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.5))
     w = 0.27
     ax1.bar([x - w for x in xs], [c["reference_ms"] for c in cases], w, label="reference")
-    ax1.bar(list(xs), [c["fused_ms"] for c in cases], w, label="fused")
+    ax1.bar(xs, [c["fused_ms"] for c in cases], w, label="fused")
     ax1.bar([x + w for x in xs], [c["gemm_floor_ms"] for c in cases], w, label="fused GEMM floor")
-    ax1.set_xticks(list(xs), labels)
+    ax1.set_xticks(xs, labels)
     ax1.set_ylabel("forward time (ms, median)")
-    ax1.legend()
-    ax2.bar([x - w / 2 for x in xs], [c["reference_peak_mb"] for c in cases], w, label="reference")
-    ax2.bar([x + w / 2 for x in xs], [c["fused_peak_mb"] for c in cases], w, label="fused")
-    ax2.set_xticks(list(xs), labels)
-    ax2.set_ylabel("peak memory during forward (MB)")
-    ax2.legend()
-    fig.suptitle("Cambrian connector forward, CPU float32" + (" (quick shapes)" if result["config"]["quick"] else ""))
+    ax1.legend(fontsize=8)
+    # each ratio beside its target (time and memory: at least; floor: at most)
+    targets = result["targets"]
+    ratios = [("time_ratio", "reference / fused time", ">="), ("memory_ratio", "reference / fused peak", ">="),
+              ("floor_ratio", "fused time / GEMM floor", "<=")]
+    for k, (key, desc, sense) in enumerate(ratios):
+        offs = [x + (k - 1) * w for x in xs]
+        bars = ax2.bar(offs, [c[key] for c in cases], w, label=f"{desc} (target {sense} {targets[key]})",
+                       color=f"C{k}")
+        ax2.hlines([targets[key]] * len(xs), [o - w / 2 for o in offs], [o + w / 2 for o in offs],
+                   colors="tab:red", linestyles="--", lw=1)
+        for bar, c in zip(bars, cases):
+            ax2.text(bar.get_x() + bar.get_width() / 2, c[key], f"{c[key]:.2f}", ha="center", va="bottom", fontsize=7)
+    ax2.axhline(1.0, color="black", lw=0.8)
+    top = max([c[key] for c in cases for key, _, _ in ratios] + [t for t in targets.values()])
+    ax2.set_ylim(0, 1.5 * top)  # headroom for the legend above the bars
+    ax2.set_xticks(xs, labels)
+    ax2.set_ylabel("ratio (red dashes: targets)")
+    ax2.legend(fontsize=7, loc="upper left")
+    ax3.bar([x - w / 2 for x in xs], [c["reference_peak_mb"] for c in cases], w, label="reference")
+    ax3.bar([x + w / 2 for x in xs], [c["fused_peak_mb"] for c in cases], w, label="fused")
+    ax3.set_xticks(xs, labels)
+    ax3.set_ylabel("peak memory during forward (MB)")
+    ax3.legend(fontsize=8)
+    cfg = result["config"]
+    fig.suptitle(f"Cambrian connector forward, CPU float32, {cfg['threads']} thread(s)"
+                 + (" (quick shapes)" if cfg["quick"] else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

@@ -19,15 +19,17 @@ Each in ``fwd`` and ``fwd+bwd`` mode.  Reported per row:
   ``*_ms_warm`` with ``MALLOC_MMAP_MAX_=0`` (freed memory is reused: no page faults, kernel work only);
   the JSON also has the process CPU time of the same calls (``*_cpu_ms``), which a busy machine distorts
   far less than wall time when the workers run one thread (``--threads 1``);
-* the memory-bandwidth floor: the bytes the kernel must read and write (inputs actually touched,
-  outputs, gradients; never intermediates) divided by the copy bandwidth measured in the same process
+* the memory-bandwidth floor: the bytes the kernel must read and write (inputs actually touched, in whole
+  cache lines; outputs, gradients; never intermediates) divided by the copy bandwidth measured in the same process
   (``torch`` copy of a 256 MB tensor, counted as read + write); ``cpp_over_floor`` uses the warm time;
 * peak memory: the growth of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs`` before each call) over the resident set before the call, in a process with a
   fixed 16 KB mmap threshold so freed tensors really return to the OS.  It includes the op's outputs
   (and gradients), which both backends must produce.  (tracemalloc cannot see torch's allocations.)
 
-Prints a table and writes JSON (default ``benchmarks/results/kernels.json``).  ``--quick`` uses small
+Prints a table, writes JSON (default ``benchmarks/results/kernels.json``) and a PNG chart beside it (same name,
+``.png``; ``--chart PATH`` / ``--no-chart``): speed-up over the reference, time over the bandwidth floor, peak
+memory.  ``--quick`` uses small
 shapes (a smoke test, also run by tests/test_kernels_cpp.py).  Times are never asserted on.
 """
 from __future__ import annotations
@@ -70,10 +72,10 @@ def specs(quick: bool, batches: list[int]) -> list[dict]:
             for m in ("fwd", "fwd+bwd")]
 
 
-def touched(n_in: int, n_out: int) -> int:
-    """How many source rows (or cols) bilinear resizing reads (ATen's taps, nonzero weights)."""
+def touched_indices(n_in: int, n_out: int) -> set[int]:
+    """Which source rows (or cols) bilinear resizing reads (ATen's taps, nonzero weights)."""
     if n_in == n_out:
-        return n_in
+        return set(range(n_in))
     scale = n_in / n_out
     used = set()
     for d in range(n_out):
@@ -83,7 +85,27 @@ def touched(n_in: int, n_out: int) -> int:
         used.add(i0)
         if lam > 0 and i0 < n_in - 1:
             used.add(i0 + 1)
-    return len(used)
+    return used
+
+
+def touched(n_in: int, n_out: int) -> int:
+    """How many source rows (or cols) bilinear resizing reads."""
+    return len(touched_indices(n_in, n_out))
+
+
+def input_bytes(layout: str, b: int, channels: int, h: int, w: int, dst: tuple[int, int], elt: int) -> int:
+    """Bytes of one grid that must come from memory, in whole 64-byte cache lines.
+
+    token-major (B, h*w, C): every touched pixel is a contiguous run of C values (whole lines for the C here).
+    conv layout (B, C, h, w): a touched source row of a plane is read in the lines that hold its touched
+    columns -- when downsampling 256 -> 96 those are all lines of the row, though only 3/4 of its columns
+    are used, so counting columns alone would understate what any kernel has to move.
+    """
+    rows = touched(h, dst[0])
+    if layout == "tokens":
+        return b * rows * touched(w, dst[1]) * channels * elt
+    lines = len({c * elt // 64 for c in touched_indices(w, dst[1])})
+    return b * channels * rows * min(lines * 64, w * elt)
 
 
 def build(spec: dict, dtype):
@@ -107,7 +129,8 @@ def build(spec: dict, dtype):
         dst = (spec["dst"], spec["dst"])
         channels = sum(x.shape[-1] if x.dim() == 3 else x.shape[1] for x in leaves)
         out_bytes = b * dst[0] * dst[1] * channels * elt
-        in_bytes = sum(b * touched(h, dst[0]) * touched(w, dst[1]) * (x.shape[-1] if x.dim() == 3 else x.shape[1]) * elt
+        in_bytes = sum(input_bytes("tokens" if x.dim() == 3 else "conv", b, x.shape[-1] if x.dim() == 3 else x.shape[1],
+                                   h, w, dst, elt)
                        for x, (h, w) in zip(leaves, sizes))
         moved = in_bytes + out_bytes
         if bwd:
@@ -259,6 +282,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    ap.add_argument("--chart", type=Path, default=None, help="PNG chart path (default: --out with .png)")
+    ap.add_argument("--no-chart", action="store_true", help="do not write the PNG chart")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 2 (quick: 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
@@ -318,7 +343,7 @@ def main() -> None:
         method=dict(time="median wall time, cache flushed before each call; *_ms default allocator (page faults "
                          "included), *_ms_warm with freed memory reused (MALLOC_MMAP_MAX_=0); *_cpu_ms* = process "
                          "CPU time (all threads, spin-waits included) -- robust to a busy machine at --threads 1",
-                    floor="bytes that must move (touched inputs + outputs [+ grad_out read + grads written]) / "
+                    floor="bytes that must move (touched inputs in whole 64-byte lines + outputs [+ grad_out read + grads written]) / "
                           "copy bandwidth (256 MB torch copy, read+write) of the warm process; ratio uses *_ms_warm",
                     memory="growth of VmHWM over VmRSS during the call (outputs included), reset via "
                            "/proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=16K"),
@@ -339,6 +364,58 @@ def main() -> None:
               f"{r['cpp_over_floor']:>8.2f}{r['cpp_peak_mb']:>8.1f}{r['reference_peak_mb']:>8.1f}"
               + (f"{r['peak_ratio']:>6.1f}x" if r["peak_ratio"] is not None else f"{'n/a':>7}"))
     print(f"wrote {args.out}")
+    if not args.no_chart:
+        write_chart(result, args.chart or args.out.with_suffix(".png"))
+
+
+TARGET_FLOOR_RATIO = 1.5  # issue 3: each kernel within 1.5x of its memory-bandwidth floor
+
+
+def write_chart(result: dict, path: Path) -> None:
+    """Three panels per row: speed-up over the reference, time over the bandwidth floor, peak memory."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: benchmarks run headless
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipped the PNG chart (pip install -r requirements.txt)")
+        return
+    rows = result["rows"]
+    labels = [f"{r['kernel'].replace('interp_', 'interp ')}\nB={r['batch']} {r['mode']}" for r in rows]
+    xs = list(range(len(rows)))
+    w = 0.38
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(max(8.0, 0.9 * len(rows) + 2), 11), sharex=True)
+    ax1.bar([x - w / 2 for x in xs], [r["speedup"] for r in rows], w, label="fresh outputs (page faults)")
+    ax1.bar([x + w / 2 for x in xs], [r["speedup_warm"] for r in rows], w, label="reused memory (warm)")
+    ax1.axhline(1.0, color="black", lw=0.8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("reference time / cpp time")
+    ax1.set_title("speed-up of the C++ kernel over the reference (median wall time)")
+    ax1.legend(fontsize=8)
+    ax2.bar(xs, [r["cpp_over_floor"] for r in rows], 2 * w, color="tab:green")
+    ax2.axhline(1.0, color="black", lw=0.8)
+    ax2.axhline(TARGET_FLOOR_RATIO, color="tab:red", ls="--", lw=1, label=f"target {TARGET_FLOOR_RATIO}x")
+    for x, r in zip(xs, rows):
+        ax2.text(x, r["cpp_over_floor"], f"{r['cpp_over_floor']:.2f}", ha="center", va="bottom", fontsize=7)
+    ax2.set_ylabel("cpp warm time / floor")
+    ax2.set_title(f"time over the memory-bandwidth floor (bytes moved at "
+                  f"{result['copy_bandwidth_gbps_warm']:.1f} GB/s copy bandwidth)")
+    ax2.legend(fontsize=8)
+    ax3.bar([x - w / 2 for x in xs], [r["cpp_peak_mb"] for r in rows], w, label="cpp")
+    ax3.bar([x + w / 2 for x in xs], [r["reference_peak_mb"] for r in rows], w, label="reference")
+    ax3.set_yscale("log")
+    ax3.set_ylabel("peak RSS growth (MB)")
+    ax3.set_title("peak memory during the call (outputs included)")
+    ax3.legend(fontsize=8)
+    ax3.set_xticks(xs, labels, fontsize=7)
+    fig.suptitle(f"cambrian CPU kernels, {result['dtype']}, {result['threads']} thread(s), isa {result['isa']}"
+                 + (" (quick shapes)" if result["quick"] else ""))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ multi-stage tower on an 8×8 grid with stages 16×16 (6 ch, resized first), 8×8
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -426,10 +427,10 @@ def test_flops_at_8b_shapes():
 # the benchmark script runs (never asserts on time)
 # ---------------------------------------------------------------------------------------------------
 def test_benchmark_quick_writes_wellformed_json(tmp_path):
-    out = tmp_path / "connector.json"
+    out, chart = tmp_path / "connector.json", tmp_path / "connector.png"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_connector.py"), "--quick", "--batches", "1",
-                           "--repeats", "1", "--json", str(out), "--no-chart"],
+                           "--repeats", "1", "--json", str(out), "--chart", str(chart)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -442,3 +443,12 @@ def test_benchmark_quick_writes_wellformed_json(tmp_path):
             assert isinstance(case[key], (int, float)) and math.isfinite(case[key]) and case[key] > 0, (key, case)
         assert case["check"]["max_abs_diff"] < 1e-4    # the fused output matches the reference path
     assert "time_ratio" in proc.stdout  # the printed table
+    _assert_chart(chart, proc.stdout)
+
+
+def _assert_chart(path, stdout):
+    """A PNG was written when matplotlib is installed (it is pinned in requirements.txt), else a note says why not."""
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib is not installed" in stdout and not path.exists()
+        return
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

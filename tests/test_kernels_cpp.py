@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import platform
@@ -387,3 +388,8 @@ def test_benchmark_quick_writes_json(tmp_path):
         for key in ("cpp_ms", "reference_ms", "speedup", "floor_ms", "cpp_over_floor", "bytes_moved",
                     "cpp_peak_mb", "reference_peak_mb"):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, (key, row)
+    chart = out.with_suffix(".png")  # written beside the JSON by default
+    if importlib.util.find_spec("matplotlib") is None:  # pinned in requirements.txt, so normally present
+        assert "matplotlib is not installed" in proc.stdout and not chart.exists()
+    else:
+        assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
