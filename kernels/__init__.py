@@ -200,12 +200,15 @@ def _check_grids(op: str, features: list[Tensor], src_sizes: list[tuple[int, ...
 
 
 def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequence[Sequence[int]],
-                                   dst_size: Sequence[int], weight: Tensor, bias: Tensor | None = None) -> Tensor:
+                                   dst_size: Sequence[int], weight: Tensor, bias: Tensor | None = None, *,
+                                   out: Tensor | None = None) -> Tensor:
     """`F.linear(multi_tower_interpolate(features, src_sizes, dst_size), weight, bias)`, never building the concatenation.
 
     features: list of (B, h_i*w_i, C_i) token-major grids (any strides: the transposed view
     `x.flatten(2).transpose(1, 2)` of a (B, C, h, w) map is read in place); src_sizes: list of (h_i, w_i);
     dst_size: (H, W); weight: (out, sum C_i); bias: (out,) or None.  Returns (B, H*W, out).
+    out (keyword): an optional contiguous (B, H*W, out) tensor of the result's dtype and device to write the
+    result into (returned); inference only (ValueError when autograd would need the inputs).
 
     Because bilinear resizing is linear per channel, the result is sum_i resize(x_i @ W_i^T) + b with W_i the
     column block of grid i: grids smaller than the target are projected first, larger ones resized first.
@@ -225,15 +228,25 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     device = features[0].device
+    kw = {}
+    if out is not None:
+        shape = (features[0].shape[0], dst[0] * dst[1], weight.shape[0])
+        if out.shape != shape or out.dtype != features[0].dtype or out.device != device or not out.is_contiguous():
+            raise ValueError(f"{op}: out must be a contiguous {features[0].dtype} tensor of shape {shape} on {device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*features, weight, bias)):
+            raise ValueError(f"{op}: out= does not support autograd (an input requires grad)")
+        kw["out"] = out
     try:
         backend = get_backend(op, device)
     except KernelBackendError:
         backend = None  # forced backend without a native version: compose it from that backend's resize
     reference = _load("reference")
     if backend is not None and backend is not reference:
-        return backend.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias)
+        return backend.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias, **kw)
     interpolate = get_backend("multi_tower_interpolate", device).multi_tower_interpolate
-    return reference.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias, interpolate=interpolate)
+    return reference.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias, interpolate=interpolate,
+                                                    **kw)
 
 
 def sva_window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], *, num_heads: int,

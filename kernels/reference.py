@@ -85,7 +85,8 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[tupl
 
 def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequence[tuple[int, int]],
                                    dst_size: tuple[int, int], weight: Tensor, bias: Tensor | None = None, *,
-                                   interpolate: Callable[..., Tensor] = multi_tower_interpolate) -> Tensor:
+                                   interpolate: Callable[..., Tensor] = multi_tower_interpolate,
+                                   out: Tensor | None = None) -> Tensor:
     """`F.linear(multi_tower_interpolate(features, src_sizes, dst_size), weight, bias)` without the concatenation.
 
     Bilinear resizing is linear and acts on each channel separately, so with W_i the column block of
@@ -97,6 +98,7 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
     features: list of (B, h_i*w_i, C_i), any strides (e.g. the transposed view of a (B, C, h, w) map);
     weight: (out, sum C_i); bias: (out,) or None.  Returns (B, H*W, out) in the features' dtype.
     `interpolate` is the resize used (the dispatcher passes the chosen backend's `multi_tower_interpolate`).
+    out: optional contiguous (B, H*W, out) buffer the result is written into (and returned); no autograd.
     Same numbers as the unfused form up to float rounding (sums are reassociated).
     """
     out_h, out_w = dst_size
@@ -117,7 +119,14 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
             if (h, w) != (out_h, out_w):
                 x = interpolate([x], [(h, w)], (out_h, out_w))             # (B, H*W, C_i): resize first
             x2 = x.reshape(batch * n_dst, x.shape[-1])
-            if y is None:
+            if y is None and out is not None:
+                y2 = out.view(batch * n_dst, out_dim)
+                if bias is not None:
+                    torch.addmm(bias, x2, w_i.t(), out=y2)
+                else:
+                    torch.mm(x2, w_i.t(), out=y2)
+                y = out
+            elif y is None:
                 y = (torch.addmm(bias, x2, w_i.t()) if bias is not None else x2 @ w_i.t()).view(batch, n_dst, out_dim)
             elif inplace:  # accumulate in place (out= rather than addmm_, which FLOP counters do not see)
                 y2 = y.view(batch * n_dst, out_dim)
@@ -127,7 +136,9 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
         else:
             z = torch.matmul(x, w_i.t())                                  # (B, h*w, out): project first
             z = interpolate([z], [(h, w)], (out_h, out_w))                 # (B, H*W, out)
-            if y is None:
+            if y is None and out is not None:
+                y = torch.add(z, bias, out=out) if bias is not None else out.copy_(z)
+            elif y is None:
                 y = z + bias if bias is not None else z
             elif inplace:
                 y.add_(z)

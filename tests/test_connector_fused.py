@@ -341,6 +341,63 @@ def test_interpolate_linear_equals_linear_of_concatenation(batch, with_bias):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["", "reference"], ids=["default", "reference"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("stages", [STAGES, STAGES[2:]], ids=["mixed", "project-first-only"])
+def test_interpolate_linear_out(batch, with_bias, backend, stages, monkeypatch):
+    """out= writes the result into the given buffer (resize-first parts and project-first-only lists)."""
+    monkeypatch.setenv(kernels.ENV_VAR, backend)
+    torch.manual_seed(0)
+    grids = [torch.randn(batch, c, h, w) for c, h, w in stages]
+    tokens = [m.flatten(2).transpose(1, 2) for m in grids]
+    sizes = [tuple(m.shape[-2:]) for m in grids]
+    weight = torch.randn(7, sum(c for c, _, _ in stages)) / 6
+    bias = torch.randn(7) if with_bias else None
+    want = F.linear(reference.multi_tower_interpolate(tokens, sizes, (8, 8)), weight, bias)
+    out = torch.full((batch, 64, 7), float("nan"))
+    got = kernels.multi_tower_interpolate_linear(tokens, sizes, (8, 8), weight, bias, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == out.shape
+    torch.testing.assert_close(out, want, **FP32)
+
+
+def test_interpolate_linear_out_validation():
+    x = [torch.randn(2, 16, 3)]
+    w = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        kernels.multi_tower_interpolate_linear(x, [(4, 4)], (2, 2), w, out=torch.empty(2, 4, 4))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        kernels.multi_tower_interpolate_linear(x, [(4, 4)], (2, 2), w, out=torch.empty(2, 5, 4).transpose(1, 2))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        kernels.multi_tower_interpolate_linear(x, [(4, 4)], (2, 2), w, out=torch.empty(2, 4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="does not support autograd"):
+        kernels.multi_tower_interpolate_linear(x, [(4, 4)], (2, 2), w.requires_grad_(), out=torch.empty(2, 4, 5))
+    with torch.no_grad():   # fine without autograd
+        kernels.multi_tower_interpolate_linear(x, [(4, 4)], (2, 2), w, out=torch.empty(2, 4, 5))
+
+
+def test_fused_inference_reuses_one_kv_buffer_per_tower(monkeypatch):
+    """Inference: the stage tower's projection intermediates and every layer's K/V share one buffer."""
+    fused, ref = make_pair(connector_depth=3)
+    feats = features(2)
+    seen = []
+    real = torch.baddbmm
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        seen.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(torch, "baddbmm", spy)
+    with torch.no_grad():
+        got = fused(feats, image_sizes=SIZES)
+    ptrs = seen[1::2]   # K/V of the stage tower (tower 1) in each of the 3 layers
+    assert len(seen) == 6 and len(set(ptrs)) == 1
+    with torch.no_grad():
+        want = ref(feats, image_sizes=SIZES)
+    assert_outputs_close(got, want, FP32)
+
+
 def test_interpolate_linear_validation():
     x = [torch.randn(1, 16, 3)]
     with pytest.raises(ValueError, match=r"weight must be \(out, 3\)"):

@@ -97,28 +97,42 @@ class MultiKVCrossAttention(nn.Module):
         self._kv_cache: dict[int, tuple[tuple, Tensor, Tensor]] = {}
 
     def forward(self, x: Tensor, towers: Sequence[Tensor], grid_side: int,
-                add_pos: Callable[[int, Tensor], Tensor] | None = None, **window: Any) -> Tensor:
+                add_pos: Callable[..., Tensor] | None = None, workspace: dict | None = None,
+                **window: Any) -> Tensor:
         """x: (B, h, w, dim) queries; towers: (B, n_i, n_i, dim) grids -> (B, h, w, dim).
 
-        add_pos(i, grid) adds tower i's position embedding (None: the grids already carry it); applied one
-        tower at a time, so only one position-embedded grid is alive at once.
+        add_pos(i, grid, out=None) adds tower i's position embedding (None: the grids already carry it);
+        applied one tower at a time, so only one position-embedded grid is alive at once.
+        workspace: a dict the caller keeps across the layers of one forward (fused path, no autograd): each
+        tower's (2, M, dim) K/V buffer is reused by the next layer instead of allocated afresh (fresh
+        allocations this large cost more in first-touch page faults than the passes that fill them), and
+        the position-embedded grid is written into its K half before the GEMM overwrites it.
         `window` is passed to `kernels.sva_window_attention` (query_offsets, valid_rects, masks).
         """
         q = self.q_proj(x)
         # Each grid token belongs to exactly one window, so projecting the whole grid once is the same
         # work as projecting the windows, and keeps the token-major layout the kernel reads.
         if self.fused:
+            reuse = workspace is not None and not (torch.is_grad_enabled() and (
+                any(t.requires_grad for t in towers) or any(p.requires_grad for p in self.parameters())))
             keys, values = [], []
             for i, t in enumerate(towers):
-                t = add_pos(i, t) if add_pos is not None else t
                 shape, dim = t.shape, t.shape[-1]
                 weight, bias = self.folded_kv(i)
+                buf = None
+                if reuse:
+                    buf = workspace.get(i)
+                    if buf is None or buf.shape != (2, t.numel() // dim, dim) or buf.dtype != t.dtype \
+                            or buf.device != t.device:
+                        buf = workspace[i] = t.new_empty((2, t.numel() // dim, dim))
+                if add_pos is not None:
+                    t = add_pos(i, t) if buf is None else add_pos(i, t, out=buf[0].view(shape))
                 normed = F.layer_norm(t, (dim,), eps=LAYER_NORM_EPS).reshape(-1, dim)  # (M, dim), shared by K and V
                 del t  # the position-embedded grid is not needed past the normalisation
                 # one batched GEMM over [W_k'; W_v'] with the input broadcast (stride 0, not copied): K and V
                 # come out as two contiguous (M, dim) blocks, the layout the attention kernels read
                 kv = torch.baddbmm(bias.view(2, 1, dim), normed.expand(2, -1, -1),
-                                   weight.view(2, dim, dim).transpose(1, 2))             # (2, M, dim)
+                                   weight.view(2, dim, dim).transpose(1, 2), out=buf)    # (2, M, dim)
                 keys.append(kv[0].view(shape))
                 values.append(kv[1].view(shape))
         else:
@@ -214,18 +228,28 @@ class VisionCrossAttentionLayer(nn.Module):
                                  f"{r}x{r} tokens (expected (B, {s * r}, {s * r}, C))")
         return s
 
-    def add_pos_embed(self, i: int, grid: Tensor) -> Tensor:
-        """grid (B, n, n, V) + pos_embed_i at every window: token (y, x) gets row (y mod r)*r + (x mod r)."""
+    def add_pos_embed(self, i: int, grid: Tensor, out: Tensor | None = None) -> Tensor:
+        """grid (B, n, n, V) + pos_embed_i at every window: token (y, x) gets row (y mod r)*r + (x mod r).
+
+        out: an optional contiguous (B, n, n, V) buffer for the sum (no autograd); a tower without a
+        position embedding (r = 1) returns `grid` itself either way.
+        """
         r = self.window_sides[i]
         if r == 1:
             return grid
         b, n, _, c = grid.shape
         s = n // r
         pos = getattr(self, f"pos_embed_{i}").to(grid.dtype).view(1, 1, r, 1, r, c)
+        if out is not None:
+            torch.add(grid.reshape(b, s, r, s, r, c), pos, out=out.view(b, s, r, s, r, c))
+            return out
         return (grid.reshape(b, s, r, s, r, c) + pos).reshape(b, n, n, c)
 
-    def forward(self, queries: Tensor, context: Tensor, towers: Sequence[Tensor], **window: Any) -> Tensor:
-        """queries (B, h, w, q_dim), context (B, V), towers (B, n_i, n_i, V) -> (B, h, w, q_dim)."""
+    def forward(self, queries: Tensor, context: Tensor, towers: Sequence[Tensor], workspace: dict | None = None,
+                **window: Any) -> Tensor:
+        """queries (B, h, w, q_dim), context (B, V), towers (B, n_i, n_i, V) -> (B, h, w, q_dim).
+
+        workspace: see `MultiKVCrossAttention.forward` (fused path; None = no buffer reuse)."""
         s = self.grid_side(towers)
         b, h, w, q_dim = queries.shape
         if self.cross_attn.fused:
@@ -240,7 +264,7 @@ class VisionCrossAttentionLayer(nn.Module):
             ctx = self.proj_context(context)[:, None, None, :].expand(b, h, w, -1)  # same context for every query
             x = self.proj_in(torch.cat([queries, ctx], dim=-1))                     # (B, h, w, V)
         if self.cross_attn.fused:  # position embeddings added tower by tower inside, one grid alive at a time
-            x = x + self.cross_attn(x, towers, s, add_pos=self.add_pos_embed, **window)
+            x = x + self.cross_attn(x, towers, s, add_pos=self.add_pos_embed, workspace=workspace, **window)
         else:
             grids = [self.add_pos_embed(i, t) for i, t in enumerate(towers)]
             x = x + self.cross_attn(x, grids, s, **window)
@@ -256,9 +280,12 @@ class VisionSampler(nn.Module):
         self.layers = nn.ModuleList([VisionCrossAttentionLayer(q_dim, dim, window_sides, num_heads)
                                      for _ in range(depth)])
 
-    def forward(self, queries: Tensor, context: Tensor, towers: Sequence[Tensor], **window: Any) -> Tensor:
+    def forward(self, queries: Tensor, context: Tensor, towers: Sequence[Tensor], workspace: dict | None = None,
+                **window: Any) -> Tensor:
+        """workspace: K/V buffers shared by the layers (`MultiKVCrossAttention.forward`); None = a fresh dict."""
+        workspace = {} if workspace is None else workspace
         for layer in self.layers:
-            queries = layer(queries, context, towers, **window)
+            queries = layer(queries, context, towers, workspace=workspace, **window)
         return queries
 
 
@@ -496,19 +523,40 @@ class CambrianConnector(nn.Module):
         tokens = [m.flatten(2).transpose(1, 2) for m in f]   # (B, h*w, C_k) views of the conv layout, no copy
         return kernels.multi_tower_interpolate(tokens, [tuple(m.shape[-2:]) for m in f], (n, n))
 
-    def _project_tower(self, i: int, f: Tensor | list[Tensor]) -> Tensor:
+    def _project_tower(self, i: int, f: Tensor | list[Tensor], workspace: dict | None = None) -> Tensor:
         """mm_projector_aux_i on tower i -> (B, n_i², V).
 
         Fused path with a stage list: the first Linear per stage, without the (B, n_i², ΣC_k) concatenation.
+        Without autograd, the two (B, n_i², V) intermediates (first Linear, GELU in place; second Linear) are
+        written into tower i's (2, B·n_i², V) K/V buffer in `workspace` (see `MultiKVCrossAttention.forward`),
+        which the sampler layers then reuse: one allocation, first-touched once, instead of four.
         """
         proj = getattr(self, f"mm_projector_aux_{i}")
         if isinstance(f, Tensor) or not self._fused:
             return proj(self._token_grid(i, f))
         n, first = self.tower_sides[i], proj[0]
         tokens = [m.flatten(2).transpose(1, 2) for m in f]   # (B, h*w, C_k) views of the conv layout, no copy
-        x = kernels.multi_tower_interpolate_linear(tokens, [tuple(m.shape[-2:]) for m in f], (n, n),
-                                                   first.weight, first.bias)                 # (B, n², V)
-        return proj[1:](x)
+        sizes = [tuple(m.shape[-2:]) for m in f]
+        plain = (len(proj) == 4 and isinstance(proj[1], nn.GELU) and isinstance(proj[2], nn.Linear)
+                 and proj[2].in_features == proj[2].out_features and isinstance(proj[3], nn.LayerNorm))
+        needs_grad = torch.is_grad_enabled() and (any(m.requires_grad for m in f)
+                                                  or any(p.requires_grad for p in proj.parameters()))
+        if workspace is None or not plain or needs_grad:
+            x = kernels.multi_tower_interpolate_linear(tokens, sizes, (n, n), first.weight, first.bias)  # (B, n², V)
+            return proj[1:](x)
+        b, v = f[0].shape[0], first.out_features
+        buf = tokens[0].new_empty((2, b * n * n, v))
+        workspace[i] = buf
+        x = kernels.multi_tower_interpolate_linear(tokens, sizes, (n, n), first.weight, first.bias,
+                                                   out=buf[0].view(b, n * n, v))
+        x = torch._C._nn.gelu_(x, approximate=proj[1].approximate)
+        second = proj[2]
+        y = buf[1]
+        if second.bias is not None:
+            torch.addmm(second.bias, x.view(-1, v), second.weight.t(), out=y)
+        else:
+            torch.mm(x.view(-1, v), second.weight.t(), out=y)
+        return proj[3](y.view(b, n * n, -1))
 
     @property
     def mm_projector_dtype(self) -> torch.dtype:
@@ -580,7 +628,8 @@ class CambrianConnector(nn.Module):
     def _sva(self, feats: list[Tensor | list[Tensor]], image_sizes: Sequence[Sequence[int]] | None, full: bool,
              attention_masks: Sequence[Tensor] | None, out: ConnectorOutput) -> Tensor:
         b, v = _batch_of(feats[0]), self.spec.vision_hidden_size
-        projected = [self._project_tower(i, f) for i, f in enumerate(feats)]                   # (B, L_i, V)
+        workspace: dict = {}  # per-tower K/V buffers shared by the projection and the sampler layers (fused path)
+        projected = [self._project_tower(i, f, workspace) for i, f in enumerate(feats)]        # (B, L_i, V)
         context = projected[0].mean(dim=1)                                                      # (B, V)
         grids = [p.reshape(b, n, n, v) for p, n in zip(projected, self.tower_sides)]
         validity = self._validity(b, image_sizes, full, attention_masks, _device_of(feats[0]))
@@ -588,7 +637,8 @@ class CambrianConnector(nn.Module):
         groups = []
         for g, s in enumerate(self.query_sides):
             queries = self.vision_query[g].to(grids[0].dtype).view(1, 1, 1, v).expand(b, s, s, v)
-            q = getattr(self, f"vision_sampler_{g}")(queries, context, grids, **validity)      # (B, s, s, V)
+            q = getattr(self, f"vision_sampler_{g}")(queries, context, grids, workspace=workspace,
+                                                      **validity)                             # (B, s, s, V)
             groups.append(q.reshape(b, s * s, v))
         fs = self.final_side
         # groups on a coarser/finer query grid are resized to the final grid; all concatenated on channels
