@@ -6,6 +6,9 @@ Ops (public entry points here validate their arguments, then call the chosen bac
   concatenated on channels.
 * `sva_window_attention(q, keys, values, *, num_heads, grid_side, ...)`: the SVA windowed multi-tower
   cross-attention core (after q/k/v projections, before o_proj).
+* `multi_tower_interpolate_add_(out, features, src_sizes, dst_size)`: the same resize added in place into an
+  existing (B, H*W, sum C_i) tensor (a backend may implement it natively; otherwise `out.add_` of the chosen
+  backend's `multi_tower_interpolate`).
 * `multi_tower_interpolate_linear(features, src_sizes, dst_size, weight, bias)`: the resize + concatenate
   followed by a Linear, without building the concatenation (a composite op: a backend may implement it
   natively; otherwise it is built from the chosen backend's `multi_tower_interpolate` and torch GEMMs).
@@ -24,6 +27,7 @@ Also here: the unpad geometry shared by unpadding and attention masks (`image_va
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -33,7 +37,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "multi_tower_interpolate", "multi_tower_interpolate_linear", "sva_window_attention", "image_valid_rect",
+    "multi_tower_interpolate", "multi_tower_interpolate_add_", "multi_tower_interpolate_linear", "sva_window_attention",
+    "image_valid_rect",
     "image_valid_rects", "rects_to_mask",
     "get_backend", "available_backends", "register_backend", "KernelBackendError", "BACKENDS", "PREFERENCE",
     "ENV_VAR",
@@ -183,6 +188,36 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[Sequ
     return get_backend("multi_tower_interpolate", features[0].device).multi_tower_interpolate(features, src_sizes, dst)
 
 
+def multi_tower_interpolate_add_(out: Tensor, features: Sequence[Tensor], src_sizes: Sequence[Sequence[int]],
+                                 dst_size: Sequence[int]) -> Tensor:
+    """In place: out += multi_tower_interpolate(features, src_sizes, dst_size); returns out.
+
+    out: (B, H*W, sum C_i), any float dtype; the resize is rounded to the features' dtype before it is added,
+    as in `out.add_(multi_tower_interpolate(...))`, which this equals (autograd included: an in-place op like
+    `Tensor.add_`).  A backend's native version writes the sum without a resized temporary; a backend without
+    one (even when forced) serves the op as `out.add_` of its own `multi_tower_interpolate`.  The backend is
+    the one `multi_tower_interpolate` would use on that device.
+    """
+    op = "multi_tower_interpolate_add_"
+    features, src_sizes = list(features), [tuple(int(v) for v in s) for s in src_sizes]
+    dst = tuple(int(v) for v in dst_size)
+    _check_grids(op, features, src_sizes, dst)
+    shape = (features[0].shape[0], dst[0] * dst[1], sum(x.shape[-1] for x in features))
+    if out.shape != shape or not out.is_floating_point() or out.device != features[0].device:
+        raise ValueError(f"{op}: out must be a float tensor of shape {shape} on {features[0].device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return _interpolate_add_op(features[0].device)(out, features, src_sizes, dst)
+
+
+def _interpolate_add_op(device: torch.device):
+    """multi_tower_interpolate_add_ of the backend serving multi_tower_interpolate on `device` (honours
+    CAMBRIAN_KERNELS): its native version, else `reference.multi_tower_interpolate_add_` around its resize."""
+    backend = get_backend("multi_tower_interpolate", device)
+    if backend is not _load("reference") and _supports(backend, "multi_tower_interpolate_add_", device):
+        return backend.multi_tower_interpolate_add_
+    return functools.partial(_load("reference").multi_tower_interpolate_add_, interpolate=backend.multi_tower_interpolate)
+
+
 def _check_grids(op: str, features: list[Tensor], src_sizes: list[tuple[int, ...]], dst: tuple[int, ...]) -> None:
     if not features:
         raise ValueError(f"{op}: no feature grids given")
@@ -244,9 +279,13 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
     reference = _load("reference")
     if backend is not None and backend is not reference:
         return backend.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias, **kw)
-    interpolate = get_backend("multi_tower_interpolate", device).multi_tower_interpolate
-    return reference.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias, interpolate=interpolate,
-                                                    **kw)
+    interp_backend = get_backend("multi_tower_interpolate", device)
+    interpolate_add = None  # native in-place resize-and-add only: the composite's own y.add_ is the same otherwise
+    if interp_backend is not reference and _supports(interp_backend, "multi_tower_interpolate_add_", device):
+        interpolate_add = interp_backend.multi_tower_interpolate_add_
+    return reference.multi_tower_interpolate_linear(features, src_sizes, dst, weight, bias,
+                                                    interpolate=interp_backend.multi_tower_interpolate,
+                                                    interpolate_add=interpolate_add, **kw)
 
 
 def sva_window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], *, num_heads: int,

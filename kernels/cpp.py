@@ -5,6 +5,9 @@ The extension `cambrian.kernels._C` (built by setup.py from csrc/cpu/*.cpp) defi
 
 * ``torch.ops.cambrian.multi_tower_interpolate(Tensor[] features, int[] src_sizes, int[] dst_size) -> Tensor``
   (src_sizes flattened ``[h0, w0, h1, w1, ...]``), and its ``multi_tower_interpolate_backward``;
+* ``torch.ops.cambrian.multi_tower_interpolate_accumulate_(Tensor(a!) out, Tensor[] features, int[] src_sizes,
+  int[] dst_size) -> ()``: ``out += multi_tower_interpolate(...)`` in place (a mutable op: its autograd is the
+  `torch.autograd.Function` `_InterpolateAdd` here);
 * ``torch.ops.cambrian.sva_window_attention(Tensor q, Tensor[] keys, Tensor[] values, int num_heads,
   int grid_side, Tensor? query_offsets, Tensor? valid_rects, Tensor? masks, float scale) -> (out, lse)``
   (valid_rects stacked to (towers, B, 4), masks flattened and concatenated to (B, sum n_i^2)), and its
@@ -40,7 +43,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["multi_tower_interpolate", "sva_window_attention", "is_available", "supports", "isa",
+__all__ = ["multi_tower_interpolate", "multi_tower_interpolate_add_", "sva_window_attention", "is_available", "supports", "isa",
            "UNAVAILABLE_REASON"]
 
 try:
@@ -51,7 +54,7 @@ except ImportError as exc:  # extension not built (e.g. CAMBRIAN_SKIP_NATIVE=1 o
     UNAVAILABLE_REASON = (f"the C++ extension cambrian.kernels._C is not built ({exc}); "
                           "run `pip install --no-build-isolation --no-deps -e .`")
 
-_OPS = ("multi_tower_interpolate", "sva_window_attention")
+_OPS = ("multi_tower_interpolate", "multi_tower_interpolate_add_", "sva_window_attention")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -61,7 +64,7 @@ def is_available() -> bool:
 
 
 def supports(op: str, device: torch.device) -> bool:
-    """Both ops, CPU tensors only."""
+    """The ops of `_OPS`, CPU tensors only."""
     return op in _OPS and torch.device(device).type == "cpu"
 
 
@@ -85,6 +88,42 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[Sequ
         return reference.multi_tower_interpolate(features, src_sizes, dst_size)
     flat = [int(v) for size in src_sizes for v in size]
     return torch.ops.cambrian.multi_tower_interpolate(features, flat, [int(dst_size[0]), int(dst_size[1])])
+
+
+def multi_tower_interpolate_add_(out: Tensor, features: Sequence[Tensor], src_sizes: Sequence[Sequence[int]],
+                                 dst_size: Sequence[int]) -> Tensor:
+    """out += multi_tower_interpolate(features, src_sizes, dst_size), in place, without a resized temporary.
+
+    The native op needs every grid in out's dtype and out's channel stride 1; otherwise `out.add_` of
+    `multi_tower_interpolate` (same numbers).  Autograd: `_InterpolateAdd` (grad of out passes through, the
+    grids get `multi_tower_interpolate_backward`).
+    """
+    features = list(features)
+    if out.dtype not in _DTYPES or any(f.dtype != out.dtype for f in features) or (out.numel() and out.stride(2) != 1):
+        return out.add_(multi_tower_interpolate(features, src_sizes, dst_size))
+    flat = [int(v) for size in src_sizes for v in size]
+    dst = [int(dst_size[0]), int(dst_size[1])]
+    if torch.is_grad_enabled() and (out.requires_grad or any(f.requires_grad for f in features)):
+        return _InterpolateAdd.apply(out, flat, dst, *features)
+    torch.ops.cambrian.multi_tower_interpolate_accumulate_(out, features, flat, dst)
+    return out
+
+
+class _InterpolateAdd(torch.autograd.Function):
+    """Autograd of the in-place accumulate op (torch.library cannot register autograd for mutable ops)."""
+
+    @staticmethod
+    def forward(ctx, out, src_sizes, dst_size, *features):
+        ctx.src_sizes, ctx.dst_size = src_sizes, dst_size
+        ctx.channels = [f.shape[-1] for f in features]
+        torch.ops.cambrian.multi_tower_interpolate_accumulate_(out, list(features), src_sizes, dst_size)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = torch.ops.cambrian.multi_tower_interpolate_backward(grad, ctx.src_sizes, ctx.dst_size, ctx.channels)
+        return (grad, None, None, *grads)
 
 
 def sva_window_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], *, num_heads: int,
@@ -180,6 +219,7 @@ def _register() -> None:
     lib = "cambrian::"
     torch.library.register_fake(lib + "multi_tower_interpolate", _interp_fake)
     torch.library.register_fake(lib + "multi_tower_interpolate_backward", _interp_backward_fake)
+    torch.library.register_fake(lib + "multi_tower_interpolate_accumulate_", lambda out, features, src_sizes, dst_size: None)
     torch.library.register_fake(lib + "sva_window_attention", _attn_fake)
     torch.library.register_fake(lib + "sva_window_attention_backward", _attn_backward_fake)
     torch.library.register_autograd(lib + "multi_tower_interpolate", _interp_backward,

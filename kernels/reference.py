@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["multi_tower_interpolate", "multi_tower_interpolate_linear", "sva_window_attention", "is_available",
-           "supports"]
+__all__ = ["multi_tower_interpolate", "multi_tower_interpolate_add_", "multi_tower_interpolate_linear",
+           "sva_window_attention", "is_available", "supports"]
 
 
 def is_available() -> bool:
@@ -30,7 +30,8 @@ def is_available() -> bool:
 
 def supports(op: str, device: torch.device) -> bool:
     """Every op on every device."""
-    return op in ("multi_tower_interpolate", "multi_tower_interpolate_linear", "sva_window_attention")
+    return op in ("multi_tower_interpolate", "multi_tower_interpolate_add_", "multi_tower_interpolate_linear",
+                  "sva_window_attention")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,9 +84,20 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[tupl
     return torch.cat([p.to(dtype) for p in parts], dim=-1)
 
 
+def multi_tower_interpolate_add_(out: Tensor, features: Sequence[Tensor], src_sizes: Sequence[tuple[int, int]],
+                                 dst_size: tuple[int, int], *,
+                                 interpolate: Callable[..., Tensor] = multi_tower_interpolate) -> Tensor:
+    """In place: out += multi_tower_interpolate(features, src_sizes, dst_size); returns out (autograd as `add_`).
+
+    `interpolate` is the resize used (the dispatcher passes the chosen backend's `multi_tower_interpolate`).
+    """
+    return out.add_(interpolate(features, src_sizes, dst_size))
+
+
 def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequence[tuple[int, int]],
                                    dst_size: tuple[int, int], weight: Tensor, bias: Tensor | None = None, *,
                                    interpolate: Callable[..., Tensor] = multi_tower_interpolate,
+                                   interpolate_add: Callable[..., Tensor] | None = None,
                                    out: Tensor | None = None) -> Tensor:
     """`F.linear(multi_tower_interpolate(features, src_sizes, dst_size), weight, bias)` without the concatenation.
 
@@ -97,7 +109,9 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
 
     features: list of (B, h_i*w_i, C_i), any strides (e.g. the transposed view of a (B, C, h, w) map);
     weight: (out, sum C_i); bias: (out,) or None.  Returns (B, H*W, out) in the features' dtype.
-    `interpolate` is the resize used (the dispatcher passes the chosen backend's `multi_tower_interpolate`).
+    `interpolate` is the resize used (the dispatcher passes the chosen backend's `multi_tower_interpolate`);
+    `interpolate_add(y, features, src_sizes, dst_size)`, when given, adds a project-first part's resize straight
+    into the accumulated result without autograd (`multi_tower_interpolate_add_`: no resized temporary, no add pass).
     out: optional contiguous (B, H*W, out) buffer the result is written into (and returned); no autograd.
     Same numbers as the unfused form up to float rounding (sums are reassociated).
     """
@@ -135,6 +149,9 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
                 y = y + (x2 @ w_i.t()).view(batch, n_dst, out_dim)
         else:
             z = torch.matmul(x, w_i.t())                                  # (B, h*w, out): project first
+            if y is not None and inplace and interpolate_add is not None:
+                interpolate_add(y, [z], [(h, w)], (out_h, out_w))          # y += resize(z), in place
+                continue
             z = interpolate([z], [(h, w)], (out_h, out_w))                 # (B, H*W, out)
             if y is None and out is not None:
                 y = torch.add(z, bias, out=out) if bias is not None else out.copy_(z)

@@ -145,6 +145,99 @@ def test_interpolate_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------------
+# multi_tower_interpolate_add_ (in-place accumulate variant)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_interpolate_add_equals_add_of_f_interpolate(batch, dtype):
+    """out += resize: the exact numbers of out.add_(F.interpolate result) for token-major, planar, same-size and
+    odd-shaped grids, into a contiguous out and into a channel slice of a wider tensor."""
+    torch.manual_seed(0)
+    sizes = [(27, 27), (5, 9), (3, 5), (16, 16), (8, 8), (1, 1)]
+    chans = [19, 3, 33, 7, 5, 2]
+    grids = [torch.randn(batch, h * w, c, dtype=dtype) for (h, w), c in zip(sizes, chans)]
+    feats = [grids[0], grids[1], planar(grids[2], sizes[2]), planar(grids[3], sizes[3]), grids[4], grids[5]]
+    dst = (8, 8)
+    resized = torch.cat([f if s == dst else f_interpolate_tokens(f, s, dst) for f, s in zip(feats, sizes)], dim=-1)
+    for wide in (False, True):
+        base = torch.randn(batch, 64, sum(chans) + (6 if wide else 0), dtype=dtype)
+        out = base[..., 2:2 + sum(chans)] if wide else base.clone()
+        edges = [base[..., :2].clone(), base[..., 2 + sum(chans):].clone()]
+        want = out.clone().add_(resized)
+        got = cpp.multi_tower_interpolate_add_(out, feats, sizes, dst)
+        assert got is out
+        if dtype == torch.float64:
+            torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
+        else:
+            assert_same(out, want)
+        if wide:  # the channels around the slice are untouched
+            assert torch.equal(base[..., :2], edges[0]) and torch.equal(base[..., 2 + sum(chans):], edges[1])
+        # the public op (dispatched to cpp) and the reference backend agree
+        again = want.clone() - resized
+        kernels.multi_tower_interpolate_add_(again, feats, sizes, dst)
+        ref = reference.multi_tower_interpolate_add_(want.clone() - resized, feats, sizes, dst)
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(again, ref, **tol)
+
+
+def test_interpolate_add_mixed_dtypes_and_validation():
+    x = torch.randn(2, 9, 4, dtype=torch.bfloat16)
+    out = torch.randn(2, 16, 4)
+    want = out.clone().add_(reference.multi_tower_interpolate([x], [(3, 3)], (4, 4)))
+    cpp.multi_tower_interpolate_add_(out, [x], [(3, 3)], (4, 4))   # falls back to out.add_(resize)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out must be a float tensor of shape"):
+        kernels.multi_tower_interpolate_add_(torch.empty(2, 16, 5), [x], [(3, 3)], (4, 4))
+    with pytest.raises(RuntimeError, match="out has shape"):
+        torch.ops.cambrian.multi_tower_interpolate_accumulate_(torch.empty(2, 15, 4), [x.float()], [3, 3], [4, 4])
+    with pytest.raises(RuntimeError, match="differs from out"):
+        torch.ops.cambrian.multi_tower_interpolate_accumulate_(torch.empty(2, 16, 4), [x], [3, 3], [4, 4])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_interpolate_add_backward_equals_reference(batch):
+    """Autograd through the in-place op (out a non-leaf, grids token-major and planar) == the reference's add_."""
+    torch.manual_seed(1)
+    sizes = [(7, 5), (16, 16), (6, 10)]
+    base = [torch.randn(batch, h * w, c) for (h, w), c in zip(sizes, [3, 17, 1])]
+    start = torch.randn(batch, 12 * 10, 21)
+    g = torch.randn(batch, 12 * 10, 21)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_(True) for x in [start, *base]]
+        feats = [leaves[1], planar(leaves[2], sizes[1]), leaves[3]]
+        out = fn(leaves[0] * 2.0, feats, sizes, (12, 10))
+        (out * g).sum().backward()
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    got, got_g = run(cpp.multi_tower_interpolate_add_)
+    want, want_g = run(reference.multi_tower_interpolate_add_)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_interpolate_add_gradcheck_float64():
+    xs = [torch.randn(2, 20, 14, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 15, 3, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 9, 7, 4, dtype=torch.float64, requires_grad=True)]  # planar (B, C, h, w) map
+
+    def fn(out, a, b, m):
+        return cpp.multi_tower_interpolate_add_(out.clone(), [a, b, m.flatten(2).transpose(1, 2)],
+                                                [(3, 5), (2, 2), (7, 4)], (5, 4))
+
+    assert torch.autograd.gradcheck(fn, xs)
+
+
+def test_interpolate_add_opcheck():
+    out = torch.randn(2, 20, 7)
+    feats = [torch.randn(2, 15, 3), torch.randn(2, 49, 4)]
+    torch.library.opcheck(torch.ops.cambrian.multi_tower_interpolate_accumulate_.default,
+                          (out, feats, [3, 5, 7, 7], [5, 4]))
+
+
+# ---------------------------------------------------------------------------------------------------
 # sva_window_attention
 # ---------------------------------------------------------------------------------------------------
 def attention_f64(q, keys, values, heads, s, offsets=None, rects=None, masks=None, scale=None):

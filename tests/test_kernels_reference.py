@@ -67,6 +67,64 @@ def test_interpolate_gradient_matches():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_interpolate_add_is_add_of_the_resize(batch, monkeypatch):
+    """multi_tower_interpolate_add_ on the reference backend: out.add_(resize), in place, autograd as add_."""
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    torch.manual_seed(0)
+    feats = [torch.randn(batch, 7 * 5, 3), torch.randn(batch, 4 * 4, 2), torch.randn(batch, 3, 5, 5).flatten(2).transpose(1, 2)]
+    sizes = [(7, 5), (4, 4), (5, 5)]
+    out = torch.randn(batch, 4 * 4, 8)
+    want = out + kernels.multi_tower_interpolate(feats, sizes, (4, 4))
+    assert kernels.multi_tower_interpolate_add_(out, feats, sizes, (4, 4)) is out
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    # autograd: the same gradients as the out-of-place sum (the reference resizes in float32: no float64 gradcheck)
+    g = torch.randn(batch, 16, 8)
+
+    def grads(inplace):
+        leaves = [t.detach().clone().requires_grad_(True) for t in [want, *feats]]
+        o = leaves[0] * 2.0
+        res = (kernels.multi_tower_interpolate_add_(o, leaves[1:], sizes, (4, 4)) if inplace
+               else o + kernels.multi_tower_interpolate(leaves[1:], sizes, (4, 4)))
+        (res * g).sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be a float tensor of shape"):
+        kernels.multi_tower_interpolate_add_(torch.empty(batch, 16, 7), feats, sizes, (4, 4))
+
+
+def test_interpolate_add_on_a_backend_without_it(monkeypatch):
+    """A backend with only multi_tower_interpolate serves multi_tower_interpolate_add_ with its own resize."""
+    monkeypatch.setattr(kernels, "BACKENDS", dict(kernels.BACKENDS))
+    monkeypatch.setattr(kernels, "PREFERENCE", dict(kernels.PREFERENCE))
+    fake = types.ModuleType("fake_interp_add")
+    calls = []
+    fake.is_available = lambda: True
+    fake.supports = lambda op, device: op == "multi_tower_interpolate"
+
+    def interp(features, src_sizes, dst_size):
+        calls.append(dst_size)
+        return reference.multi_tower_interpolate(features, src_sizes, dst_size)
+
+    fake.multi_tower_interpolate = interp
+    monkeypatch.setitem(sys.modules, "fake_interp_add", fake)
+    kernels.register_backend("fake_add", "fake_interp_add", prefer_on=["cpu"])
+    try:
+        for forced in ("", "fake_add"):
+            monkeypatch.setenv(kernels.ENV_VAR, forced)
+            calls.clear()
+            x = torch.randn(1, 9, 2)
+            out = torch.randn(1, 4, 2)
+            want = out + reference.multi_tower_interpolate([x], [(3, 3)], (2, 2))
+            kernels.multi_tower_interpolate_add_(out, [x], [(3, 3)], (2, 2))
+            torch.testing.assert_close(out, want)
+            assert calls == [(2, 2)]
+    finally:
+        kernels._modules.pop("fake_add", None)
+
+
 def test_interpolate_bad_input():
     with pytest.raises(ValueError, match="grid 0 has shape"):
         kernels.multi_tower_interpolate([torch.randn(1, 10, 3)], [(3, 3)], (4, 4))

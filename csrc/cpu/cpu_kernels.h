@@ -30,6 +30,7 @@ struct InterpForward {
   int block;                     // kChannelsLast: channels [0, C - C % block) use the vector formula
   int fused;                     // 1: multiply-adds fused as in ATen's AVX2/AVX512 builds
   int stream;                    // 1: non-temporal stores (output larger than the last-level cache)
+  int accumulate;                // 1: out += result (rounded to the storage type first); no streaming
   int nthreads;
 };
 

@@ -133,6 +133,26 @@ static inline void store_row(const double* src, double* dst, int64_t n) {
   if (src != dst) __builtin_memcpy(dst, src, sizeof(double) * static_cast<size_t>(n));
 }
 
+// dst += y with y first rounded to the storage type: what `dst.add_(resized)` computes when `resized` holds
+// the kernel's stored values (float16 / bfloat16 adds are done in float32 and rounded once, as ATen's).
+static inline void add_row(const float* y, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = dst[i] + y[i];
+}
+static inline void add_row(const double* y, double* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = dst[i] + y[i];
+}
+static inline void add_row(const float* y, f16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i].bits = f32_to_f16(f16_to_f32(dst[i].bits) + f16_to_f32(f32_to_f16(y[i])));
+}
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN -> 0x7FC0 (as store_row)
+  const uint32_t u = f32_bits(f);
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+static inline void add_row(const float* y, bf16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i].bits = f32_to_bf16(bf16_to_f32(dst[i].bits) + bf16_to_f32(f32_to_bf16(y[i])));
+}
+
 // Rows written once and not read again soon (large resized outputs, key/value gradients): non-temporal
 // stores skip the read-for-ownership of each destination line, a third of the traffic of the write.
 // Only used when the caller says the output is larger than the last-level cache (`stream` flags).
@@ -404,7 +424,7 @@ static void interp_forward_tokens(const InterpForward& p, const Taps<acc_t<T>>& 
           const A* bb = as_acc(p01 + c, buf.p + CH, n);
           const A* cc = as_acc(p10 + c, buf.p + 2 * CH, n);
           const A* d = as_acc(p11 + c, buf.p + 3 * CH, n);
-          A* y = p.stream ? buf.p + 4 * CH : out_buf(o + c, buf.p + 4 * CH);
+          A* y = (p.stream || p.accumulate) ? buf.p + 4 * CH : out_buf(o + c, buf.p + 4 * CH);
           if (p.formula == kChannelsLast) {
             const A w00 = h0 * w0, w01 = h0 * w1, w10 = h1 * w0, w11 = h1 * w1;
             const int64_t nv = imax(0, imin(n, Cv - c));
@@ -413,7 +433,7 @@ static void interp_forward_tokens(const InterpForward& p, const Taps<acc_t<T>>& 
           } else {
             generic_body<A, F>(a, bb, cc, d, y, n, w0, w1, h0, h1);
           }
-          put_row(y, o + c, n, p.stream != 0);
+          if (p.accumulate) add_row(y, o + c, n); else put_row(y, o + c, n, p.stream != 0);
         }
       }
     }
@@ -581,7 +601,8 @@ static void interp_forward_planar(const InterpForward& p, const Taps<acc_t<T>>& 
             cl_tail<A, F>(a + nv, bb + nv, cc + nv, d + nv, y + nv, CT - nv, w00, w01, w10, w11);
           }
         }
-        put_row(pix.p, out + b * p.o_sb + (oy * W + ox) * p.o_st + g_lo, gc, p.stream != 0);
+        T* dst = out + b * p.o_sb + (oy * W + ox) * p.o_st + g_lo;
+        if (p.accumulate) add_row(pix.p, dst, gc); else put_row(pix.p, dst, gc, p.stream != 0);
       }
     }
     stream_fence();
@@ -704,9 +725,9 @@ static void interp_forward_planar_separable(const InterpForward& p, const Taps<a
       T* orow = out + b * p.o_sb + oy * W * p.o_st + g_lo;
       for (int64_t ox = 0; ox < W; ++ox) {
         T* dst = orow + ox * p.o_st;
-        A* y = p.stream ? pix.p : out_buf(dst, pix.p);
+        A* y = (p.stream || p.accumulate) ? pix.p : out_buf(dst, pix.p);
         lerp_row<F>(hr0 + ox * GC, hr1 + ox * GC, h0, h1, y, gc);
-        put_row(y, dst, gc, p.stream != 0);
+        if (p.accumulate) add_row(y, dst, gc); else put_row(y, dst, gc, p.stream != 0);
       }
     }
     stream_fence();

@@ -4,6 +4,7 @@
 // Ops (autograd and fake/meta implementations are registered from Python, kernels/cpp.py):
 //   multi_tower_interpolate(Tensor[] features, int[] src_sizes, int[] dst_size) -> Tensor
 //   multi_tower_interpolate_backward(Tensor grad_out, int[] src_sizes, int[] dst_size, int[] channels) -> Tensor[]
+//   multi_tower_interpolate_accumulate_(Tensor(a!) out, Tensor[] features, int[] src_sizes, int[] dst_size) -> ()
 //   sva_window_attention(Tensor q, Tensor[] keys, Tensor[] values, int num_heads, int grid_side,
 //                        Tensor? query_offsets, Tensor? valid_rects, Tensor? masks, float scale) -> (Tensor, Tensor)
 //   sva_window_attention_backward(Tensor grad_out, Tensor q, Tensor[] keys, Tensor[] values, Tensor lse,
@@ -157,12 +158,13 @@ int aten_formula(const at::Tensor& x, int64_t h, int64_t w, int64_t H, int64_t W
   return kGeneric;
 }
 
-at::Tensor multi_tower_interpolate_cpu(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
+// Shape checks shared by the functional and accumulating forms; returns the total channel count.
+int64_t check_interp_args(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
   TORCH_CHECK(!features.empty(), "multi_tower_interpolate: no feature grids");
   TORCH_CHECK(src_sizes.size() == 2 * features.size(), "multi_tower_interpolate: src_sizes must hold (h, w) per grid, got ",
               src_sizes.size(), " values for ", features.size(), " grids");
   TORCH_CHECK(dst_size.size() == 2 && dst_size[0] > 0 && dst_size[1] > 0, "multi_tower_interpolate: bad dst_size ", dst_size);
-  const int64_t H = dst_size[0], W = dst_size[1], B = features[0].size(0);
+  const int64_t B = features[0].size(0);
   int64_t c_total = 0;
   for (size_t i = 0; i < features.size(); ++i) {
     const at::Tensor& x = features[i];
@@ -173,7 +175,13 @@ at::Tensor multi_tower_interpolate_cpu(at::TensorList features, at::IntArrayRef 
     dtype_index(x.scalar_type(), "multi_tower_interpolate");
     c_total += x.size(2);
   }
-  at::Tensor out = empty_output({B, H * W, c_total}, features[0].options());
+  return c_total;
+}
+
+// Resizes every grid into its channel block of `out` (B, H*W, sum C), channel stride 1; accumulate: out += resized.
+void interpolate_into(const at::Tensor& out, at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size,
+                      bool accumulate) {
+  const int64_t H = dst_size[0], W = dst_size[1], B = features[0].size(0);
   const AtenMath math = aten_math();
   const KernelTable* table = active_table();
   int64_t c_off = 0;
@@ -183,8 +191,8 @@ at::Tensor multi_tower_interpolate_cpu(at::TensorList features, at::IntArrayRef 
     at::Tensor dst = out.narrow(2, c_off, C);
     c_off += C;
     if (C == 0 || B == 0) continue;
-    if (h == H && w == W) {  // already on the target grid: copied unchanged
-      dst.copy_(x);
+    if (h == H && w == W) {  // already on the target grid: copied (added) unchanged
+      if (accumulate) dst.add_(x); else dst.copy_(x);
       continue;
     }
     // Mixed dtypes: round to the grid's own dtype first, then to the output's (as the reference does).
@@ -208,12 +216,38 @@ at::Tensor multi_tower_interpolate_cpu(at::TensorList features, at::IntArrayRef 
     p.formula = aten_formula(x, h, w, H, W);
     p.block = math.vec_bytes / (x.scalar_type() == at::kDouble ? 8 : 4);
     p.fused = math.fused;
-    p.stream = out.nbytes() > kStreamBytes;
-    p.nthreads = threads_for(static_cast<int64_t>(x.nbytes() + target.nbytes()));
+    p.accumulate = accumulate && target.is_same(dst);
+    p.stream = !p.accumulate && out.nbytes() > kStreamBytes;
+    p.nthreads = threads_for(static_cast<int64_t>(x.nbytes() + (p.accumulate ? 2 : 1) * target.nbytes()));
     table->interp_forward[dtype_index(x.scalar_type(), "multi_tower_interpolate")](p);
-    if (!target.is_same(dst)) dst.copy_(target);
+    if (!target.is_same(dst)) {
+      if (accumulate) dst.add_(target); else dst.copy_(target);
+    }
   }
+}
+
+at::Tensor multi_tower_interpolate_cpu(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
+  const int64_t c_total = check_interp_args(features, src_sizes, dst_size);
+  at::Tensor out = empty_output({features[0].size(0), dst_size[0] * dst_size[1], c_total}, features[0].options());
+  interpolate_into(out, features, src_sizes, dst_size, false);
   return out;
+}
+
+// out (B, H*W, sum C_i) += multi_tower_interpolate(features): the resize is added into an existing buffer
+// instead of written to a new one (no (B, H*W, C) temporary, no separate add pass).
+void multi_tower_interpolate_accumulate_cpu(const at::Tensor& out, at::TensorList features, at::IntArrayRef src_sizes,
+                                            at::IntArrayRef dst_size) {
+  const int64_t c_total = check_interp_args(features, src_sizes, dst_size);
+  TORCH_CHECK(out.device().is_cpu(), "multi_tower_interpolate_accumulate_: out is on ", out.device());
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == features[0].size(0) && out.size(1) == dst_size[0] * dst_size[1] &&
+              out.size(2) == c_total, "multi_tower_interpolate_accumulate_: out has shape ", out.sizes(), ", expected (",
+              features[0].size(0), ", ", dst_size[0] * dst_size[1], ", ", c_total, ")");
+  TORCH_CHECK(out.numel() == 0 || out.stride(2) == 1 || c_total == 1,
+              "multi_tower_interpolate_accumulate_: out must have channel stride 1, got strides ", out.strides());
+  for (const at::Tensor& x : features)
+    TORCH_CHECK(x.scalar_type() == out.scalar_type(), "multi_tower_interpolate_accumulate_: grid dtype ",
+                x.scalar_type(), " differs from out's ", out.scalar_type());
+  interpolate_into(out, features, src_sizes, dst_size, true);
 }
 
 std::vector<at::Tensor> multi_tower_interpolate_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef src_sizes,
@@ -410,6 +444,8 @@ TORCH_LIBRARY(cambrian, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   m.def("multi_tower_interpolate(Tensor[] features, int[] src_sizes, int[] dst_size) -> Tensor", tags);
   m.def("multi_tower_interpolate_backward(Tensor grad_out, int[] src_sizes, int[] dst_size, int[] channels) -> Tensor[]", tags);
+  m.def("multi_tower_interpolate_accumulate_(Tensor(a!) out, Tensor[] features, int[] src_sizes, int[] dst_size) -> ()",
+        tags);
   m.def("sva_window_attention(Tensor q, Tensor[] keys, Tensor[] values, int num_heads, int grid_side, "
         "Tensor? query_offsets, Tensor? valid_rects, Tensor? masks, float scale) -> (Tensor, Tensor)", tags);
   m.def("sva_window_attention_backward(Tensor grad_out, Tensor q, Tensor[] keys, Tensor[] values, Tensor lse, "
@@ -420,6 +456,7 @@ TORCH_LIBRARY(cambrian, m) {
 TORCH_LIBRARY_IMPL(cambrian, CPU, m) {
   m.impl("multi_tower_interpolate", &cambrian::cpu::multi_tower_interpolate_cpu);
   m.impl("multi_tower_interpolate_backward", &cambrian::cpu::multi_tower_interpolate_backward_cpu);
+  m.impl("multi_tower_interpolate_accumulate_", &cambrian::cpu::multi_tower_interpolate_accumulate_cpu);
   m.impl("sva_window_attention", &cambrian::cpu::sva_window_attention_cpu);
   m.impl("sva_window_attention_backward", &cambrian::cpu::sva_window_attention_backward_cpu);
 }
