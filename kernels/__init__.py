@@ -9,6 +9,8 @@ Ops (public entry points here validate their arguments, then call the chosen bac
 * `multi_tower_interpolate_add_(out, features, src_sizes, dst_size)`: the same resize added in place into an
   existing (B, H*W, sum C_i) tensor (a backend may implement it natively; otherwise `out.add_` of the chosen
   backend's `multi_tower_interpolate`).
+* `window_pos_layer_norm(grid, pos, window_side, eps, out=None)`: a window-tiled position embedding added to a
+  (B, n, n, C) grid and LayerNorm (no affine) in one pass, optionally into an existing buffer.
 * `multi_tower_interpolate_linear(features, src_sizes, dst_size, weight, bias)`: the resize + concatenate
   followed by a Linear, without building the concatenation (a composite op: a backend may implement it
   natively; otherwise it is built from the chosen backend's `multi_tower_interpolate` and torch GEMMs).
@@ -38,7 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "multi_tower_interpolate", "multi_tower_interpolate_add_", "multi_tower_interpolate_linear", "sva_window_attention",
-    "image_valid_rect",
+    "window_pos_layer_norm", "image_valid_rect",
     "image_valid_rects", "rects_to_mask",
     "get_backend", "available_backends", "register_backend", "KernelBackendError", "BACKENDS", "PREFERENCE",
     "ENV_VAR",
@@ -216,6 +218,43 @@ def _interpolate_add_op(device: torch.device):
     if backend is not _load("reference") and _supports(backend, "multi_tower_interpolate_add_", device):
         return backend.multi_tower_interpolate_add_
     return functools.partial(_load("reference").multi_tower_interpolate_add_, interpolate=backend.multi_tower_interpolate)
+
+
+def window_pos_layer_norm(grid: Tensor, pos: Tensor | None, window_side: int, eps: float = 1e-5, *,
+                          out: Tensor | None = None) -> Tensor:
+    """LayerNorm without affine (over the last dim) of `grid` plus a position embedding tiled over windows.
+
+    grid: (B, n, n, C) float; pos: (r*r, C) in grid's dtype, or None (a plain LayerNorm), r = window_side dividing n:
+    token (y, x) gets pos[(y mod r)*r + (x mod r)] (the SVA key/value position embedding).  The sum is rounded to
+    grid's dtype, then normalised: the numbers of `F.layer_norm(grid + tiled pos, (C,), eps=eps)` up to float
+    rounding, autograd included.  out (keyword): an optional contiguous tensor like grid written in place and
+    returned, inference only (ValueError when autograd would need the inputs).  Dispatch: the chosen backend's
+    version, the reference one when a forced backend lacks it.
+    """
+    op = "window_pos_layer_norm"
+    r = int(window_side)
+    if grid.dim() != 4 or grid.shape[1] != grid.shape[2] or not grid.is_floating_point():
+        raise ValueError(f"{op}: grid must be a float (B, n, n, C) tensor, got {grid.dtype} {tuple(grid.shape)}")
+    if r <= 0 or grid.shape[1] % r:
+        raise ValueError(f"{op}: window side {window_side} does not divide the grid side {grid.shape[1]}")
+    if pos is not None and (pos.shape != (r * r, grid.shape[-1]) or pos.dtype != grid.dtype or pos.device != grid.device):
+        raise ValueError(f"{op}: pos must be ({r * r}, {grid.shape[-1]}) in {grid.dtype} on {grid.device}, got "
+                         f"{pos.dtype} {tuple(pos.shape)} on {pos.device}")
+    kw = {}
+    if out is not None:
+        if out.shape != grid.shape or out.dtype != grid.dtype or out.device != grid.device or not out.is_contiguous():
+            raise ValueError(f"{op}: out must be a contiguous {grid.dtype} tensor of shape {tuple(grid.shape)} on "
+                             f"{grid.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if torch.is_grad_enabled() and (grid.requires_grad or (pos is not None and pos.requires_grad)):
+            raise ValueError(f"{op}: out= does not support autograd (an input requires grad)")
+        if out.device.type != "meta" and out.data_ptr() == grid.data_ptr():
+            raise ValueError(f"{op}: out must not be the grid")
+        kw["out"] = out
+    try:
+        backend = get_backend(op, grid.device)
+    except KernelBackendError:
+        backend = _load("reference")
+    return backend.window_pos_layer_norm(grid, pos, r, float(eps), **kw)
 
 
 def _check_grids(op: str, features: list[Tensor], src_sizes: list[tuple[int, ...]], dst: tuple[int, ...]) -> None:

@@ -8,6 +8,9 @@ The extension `cambrian.kernels._C` (built by setup.py from csrc/cpu/*.cpp) defi
 * ``torch.ops.cambrian.multi_tower_interpolate_accumulate_(Tensor(a!) out, Tensor[] features, int[] src_sizes,
   int[] dst_size) -> ()``: ``out += multi_tower_interpolate(...)`` in place (a mutable op: its autograd is the
   `torch.autograd.Function` `_InterpolateAdd` here);
+* ``torch.ops.cambrian.window_pos_layer_norm(Tensor grid, Tensor? pos, int window_side, float eps) -> Tensor``
+  (autograd: the LayerNorm backward formula in torch ops, `_pln_backward`) and its in-place form
+  ``window_pos_layer_norm_out_(Tensor(a!) out, ...) -> ()`` (inference);
 * ``torch.ops.cambrian.sva_window_attention(Tensor q, Tensor[] keys, Tensor[] values, int num_heads,
   int grid_side, Tensor? query_offsets, Tensor? valid_rects, Tensor? masks, float scale) -> (out, lse)``
   (valid_rects stacked to (towers, B, 4), masks flattened and concatenated to (B, sum n_i^2)), and its
@@ -43,7 +46,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["multi_tower_interpolate", "multi_tower_interpolate_add_", "sva_window_attention", "is_available", "supports", "isa",
+__all__ = ["multi_tower_interpolate", "multi_tower_interpolate_add_", "window_pos_layer_norm", "sva_window_attention", "is_available", "supports", "isa",
            "UNAVAILABLE_REASON"]
 
 try:
@@ -54,7 +57,7 @@ except ImportError as exc:  # extension not built (e.g. CAMBRIAN_SKIP_NATIVE=1 o
     UNAVAILABLE_REASON = (f"the C++ extension cambrian.kernels._C is not built ({exc}); "
                           "run `pip install --no-build-isolation --no-deps -e .`")
 
-_OPS = ("multi_tower_interpolate", "multi_tower_interpolate_add_", "sva_window_attention")
+_OPS = ("multi_tower_interpolate", "multi_tower_interpolate_add_", "window_pos_layer_norm", "sva_window_attention")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -107,6 +110,17 @@ def multi_tower_interpolate_add_(out: Tensor, features: Sequence[Tensor], src_si
         return _InterpolateAdd.apply(out, flat, dst, *features)
     torch.ops.cambrian.multi_tower_interpolate_accumulate_(out, features, flat, dst)
     return out
+
+
+def window_pos_layer_norm(grid: Tensor, pos: Tensor | None, window_side: int, eps: float, *,
+                          out: Tensor | None = None) -> Tensor:
+    """Window-tiled position embedding + LayerNorm (no affine) in one pass; see `cambrian.kernels.window_pos_layer_norm`."""
+    if grid.dtype not in _DTYPES:
+        return reference.window_pos_layer_norm(grid, pos, window_side, eps, out=out)
+    if out is not None:
+        torch.ops.cambrian.window_pos_layer_norm_out_(out, grid, pos, int(window_side), float(eps))
+        return out
+    return torch.ops.cambrian.window_pos_layer_norm(grid, pos, int(window_side), float(eps))
 
 
 class _InterpolateAdd(torch.autograd.Function):
@@ -215,11 +229,44 @@ def _attn_backward(ctx, grad_out, _grad_lse):
     return gq, list(gk), list(gv), None, None, None, None, None, None
 
 
+def _pln_setup_context(ctx, inputs, output):
+    grid, pos, window_side, eps = inputs
+    ctx.window_side, ctx.eps = window_side, eps
+    ctx.has_pos = pos is not None
+    ctx.save_for_backward(grid, pos)
+
+
+def _pln_backward(ctx, grad):
+    """LayerNorm backward (no affine) on the recomputed sum, in float32 (float64 stays float64); pos gets the
+    gradient summed over every window position it was added at."""
+    grid, pos = ctx.saved_tensors
+    acc = torch.float64 if grid.dtype == torch.float64 else torch.float32
+    b, n, _, c = grid.shape
+    r = ctx.window_side
+    s = n // r
+    v = grid.to(acc)
+    if ctx.has_pos:
+        v = (grid.reshape(b, s, r, s, r, c) + pos.view(1, 1, r, 1, r, c)).reshape(b, n, n, c).to(acc)
+    xc = v - v.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    xhat = xc * rstd
+    g = grad.to(acc)
+    gx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    gpos = None
+    if ctx.has_pos:
+        gpos = gx.reshape(b, s, r, s, r, c).sum(dim=(0, 1, 3)).reshape(r * r, c).to(pos.dtype)
+    return gx.to(grid.dtype), gpos, None, None
+
+
 def _register() -> None:
     lib = "cambrian::"
     torch.library.register_fake(lib + "multi_tower_interpolate", _interp_fake)
     torch.library.register_fake(lib + "multi_tower_interpolate_backward", _interp_backward_fake)
     torch.library.register_fake(lib + "multi_tower_interpolate_accumulate_", lambda out, features, src_sizes, dst_size: None)
+    torch.library.register_fake(lib + "window_pos_layer_norm",
+                                lambda grid, pos, window_side, eps: torch.empty_like(grid, memory_format=torch.contiguous_format))
+    torch.library.register_fake(lib + "window_pos_layer_norm_out_", lambda out, grid, pos, window_side, eps: None)
+    torch.library.register_autograd(lib + "window_pos_layer_norm", _pln_backward, setup_context=_pln_setup_context)
     torch.library.register_fake(lib + "sva_window_attention", _attn_fake)
     torch.library.register_fake(lib + "sva_window_attention_backward", _attn_backward_fake)
     torch.library.register_autograd(lib + "multi_tower_interpolate", _interp_backward,

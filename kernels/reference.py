@@ -17,10 +17,11 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["multi_tower_interpolate", "multi_tower_interpolate_add_", "multi_tower_interpolate_linear",
-           "sva_window_attention", "is_available", "supports"]
+           "window_pos_layer_norm", "sva_window_attention", "is_available", "supports"]
 
 
 def is_available() -> bool:
@@ -31,7 +32,7 @@ def is_available() -> bool:
 def supports(op: str, device: torch.device) -> bool:
     """Every op on every device."""
     return op in ("multi_tower_interpolate", "multi_tower_interpolate_add_", "multi_tower_interpolate_linear",
-                  "sva_window_attention")
+                  "window_pos_layer_norm", "sva_window_attention")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,6 +163,26 @@ def multi_tower_interpolate_linear(features: Sequence[Tensor], src_sizes: Sequen
             else:
                 y = y + z
     return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# position embedding + LayerNorm
+# ---------------------------------------------------------------------------------------------------
+def window_pos_layer_norm(grid: Tensor, pos: Tensor | None, window_side: int, eps: float = 1e-5, *,
+                          out: Tensor | None = None) -> Tensor:
+    """LayerNorm without affine of grid + pos tiled over the r×r windows (token (y, x) gets pos[(y mod r)*r + (x mod r)]).
+
+    grid: (B, n, n, C); pos: (r*r, C) of grid's dtype, or None (plain LayerNorm); r = window_side.  The sum is
+    rounded to grid's dtype before it is normalised (as a separate add would).  out: optional buffer (no autograd).
+    """
+    b, n, _, c = grid.shape
+    t = grid
+    if pos is not None:
+        r = window_side
+        s = n // r
+        t = (grid.reshape(b, s, r, s, r, c) + pos.view(1, 1, r, 1, r, c)).reshape(b, n, n, c)
+    y = F.layer_norm(t, (c,), eps=eps)
+    return y if out is None else out.copy_(y)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -238,6 +238,94 @@ def test_interpolate_add_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------------
+# window_pos_layer_norm
+# ---------------------------------------------------------------------------------------------------
+def pos_layer_norm_f64(grid, pos, r, eps=1e-5):
+    """The definition in float64: the sum rounded to grid's dtype (as a separate add), then LayerNorm."""
+    b, n, _, c = grid.shape
+    t = grid
+    if pos is not None:
+        t = (grid.reshape(b, n // r, r, n // r, r, c) + pos.view(1, 1, r, 1, r, c)).reshape(b, n, n, c)
+    return F.layer_norm(t.double(), (c,), eps=eps)
+
+
+PLN_CASES = [(1, 8, 2, 5), (2, 12, 4, 33), (3, 6, 1, 17), (2, 10, 5, 1024), (1, 3, 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", PLN_CASES, ids=[f"b{b}n{n}r{r}c{c}" for b, n, r, c in PLN_CASES])
+def test_window_pos_layer_norm_forward(case, dtype):
+    """Against float64 LayerNorm of the rounded sum: within the reference backend's own error (+ tiny atol);
+    with and without pos, contiguous and strided grids, functional and out= forms."""
+    b, n, r, c = case
+    torch.manual_seed(0)
+    grid = (torch.randn(b, n, n, c, dtype=torch.float64) * 3 + 1).to(dtype)
+    pos = torch.randn(r * r, c, dtype=dtype)
+    strided = torch.randn(b, n, n, 2 * c, dtype=dtype)[..., ::2]
+    strided.copy_(grid)
+    atol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 1e-2)
+    for g in (grid, strided):
+        for p in (pos, None):
+            truth = pos_layer_norm_f64(g, p, r)
+            got = cpp.window_pos_layer_norm(g, p, r, 1e-5)
+            ref = reference.window_pos_layer_norm(g, p, r, 1e-5)
+            assert got.dtype == dtype and got.shape == g.shape and got.is_contiguous()
+            err, ref_err = (got.double() - truth).abs().max().item(), (ref.double() - truth).abs().max().item()
+            assert err <= 2 * ref_err + atol, (err, ref_err)
+            out = torch.full_like(grid, float("nan"))
+            assert kernels.window_pos_layer_norm(g, p, r, 1e-5, out=out) is out
+            assert torch.equal(out, got)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_window_pos_layer_norm_backward_equals_reference(batch):
+    torch.manual_seed(1)
+    grid = torch.randn(batch, 12, 12, 40) * 2 - 1
+    pos = torch.randn(9, 40)
+    g = torch.randn(batch, 12, 12, 40)
+
+    def grads(fn, p):
+        leaves = [grid.clone().requires_grad_(True)] + ([p.clone().requires_grad_(True)] if p is not None else [])
+        y = fn(leaves[0] * 1.5, leaves[1] if p is not None else None, 3, 1e-5)
+        (y * g).sum().backward()
+        return y.detach(), [leaf.grad for leaf in leaves]
+
+    for p in (pos, None):
+        got, got_g = grads(cpp.window_pos_layer_norm, p)
+        want, want_g = grads(reference.window_pos_layer_norm, p)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_g, want_g):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_window_pos_layer_norm_gradcheck_float64():
+    grid = torch.randn(2, 6, 6, 5, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, p: cpp.window_pos_layer_norm(a, p, 2, 1e-5), (grid, pos))
+    assert torch.autograd.gradcheck(lambda a: cpp.window_pos_layer_norm(a, None, 2, 1e-5), (grid,))
+
+
+def test_window_pos_layer_norm_opcheck_and_validation():
+    grid, pos = torch.randn(2, 6, 6, 5, requires_grad=True), torch.randn(9, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.cambrian.window_pos_layer_norm.default, (grid, pos, 3, 1e-5))
+    torch.library.opcheck(torch.ops.cambrian.window_pos_layer_norm_out_.default,
+                          (torch.empty(2, 6, 6, 5), grid.detach(), pos.detach(), 3, 1e-5))
+    with pytest.raises(ValueError, match="does not divide"):
+        kernels.window_pos_layer_norm(grid, pos, 4)
+    with pytest.raises(ValueError, match="pos must be"):
+        kernels.window_pos_layer_norm(grid, pos.double(), 3)
+    with pytest.raises(ValueError, match="does not support autograd"):
+        kernels.window_pos_layer_norm(grid, pos, 3, out=torch.empty(2, 6, 6, 5))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            kernels.window_pos_layer_norm(grid, pos, 3, out=torch.empty(2, 6, 5, 6).transpose(2, 3))
+        with pytest.raises(ValueError, match="must not be the grid"):
+            kernels.window_pos_layer_norm(grid, pos, 3, out=grid)
+    with pytest.raises(RuntimeError, match="pos must be"):
+        torch.ops.cambrian.window_pos_layer_norm(grid.detach(), torch.randn(4, 5), 3, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
 # sva_window_attention
 # ---------------------------------------------------------------------------------------------------
 def attention_f64(q, keys, values, heads, s, offsets=None, rects=None, masks=None, scale=None):

@@ -125,6 +125,39 @@ def test_interpolate_add_on_a_backend_without_it(monkeypatch):
         kernels._modules.pop("fake_add", None)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_window_pos_layer_norm_is_add_then_layer_norm(batch, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    torch.manual_seed(0)
+    grid, pos = torch.randn(batch, 6, 6, 7), torch.randn(9, 7)
+    tiled = pos.view(3, 3, 7).repeat(2, 2, 1)                      # token (y, x) -> pos[(y % 3) * 3 + x % 3]
+    want = F.layer_norm(grid + tiled, (7,), eps=1e-5)
+    torch.testing.assert_close(kernels.window_pos_layer_norm(grid, pos, 3), want, rtol=0, atol=0)
+    torch.testing.assert_close(kernels.window_pos_layer_norm(grid, None, 3), F.layer_norm(grid, (7,), eps=1e-5),
+                               rtol=0, atol=0)
+    out = torch.empty_like(grid)
+    assert kernels.window_pos_layer_norm(grid, pos, 3, out=out) is out
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_window_pos_layer_norm_on_a_backend_without_it(monkeypatch):
+    """A forced backend without the op falls back to the reference version."""
+    monkeypatch.setattr(kernels, "BACKENDS", dict(kernels.BACKENDS))
+    fake = types.ModuleType("fake_no_pln")
+    fake.is_available = lambda: True
+    fake.supports = lambda op, device: op == "multi_tower_interpolate"
+    fake.multi_tower_interpolate = reference.multi_tower_interpolate
+    monkeypatch.setitem(sys.modules, "fake_no_pln", fake)
+    kernels.register_backend("fake_no_pln", "fake_no_pln")
+    try:
+        monkeypatch.setenv(kernels.ENV_VAR, "fake_no_pln")
+        grid, pos = torch.randn(1, 4, 4, 3), torch.randn(4, 3)
+        torch.testing.assert_close(kernels.window_pos_layer_norm(grid, pos, 2),
+                                   reference.window_pos_layer_norm(grid, pos, 2), rtol=0, atol=0)
+    finally:
+        kernels._modules.pop("fake_no_pln", None)
+
+
 def test_interpolate_bad_input():
     with pytest.raises(ValueError, match="grid 0 has shape"):
         kernels.multi_tower_interpolate([torch.randn(1, 10, 3)], [(3, 3)], (4, 4))

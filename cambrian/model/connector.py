@@ -98,15 +98,18 @@ class MultiKVCrossAttention(nn.Module):
 
     def forward(self, x: Tensor, towers: Sequence[Tensor], grid_side: int,
                 add_pos: Callable[..., Tensor] | None = None, workspace: dict | None = None,
+                window_pos: Callable[[int, torch.dtype], tuple[Tensor | None, int]] | None = None,
                 **window: Any) -> Tensor:
         """x: (B, h, w, dim) queries; towers: (B, n_i, n_i, dim) grids -> (B, h, w, dim).
 
         add_pos(i, grid, out=None) adds tower i's position embedding (None: the grids already carry it);
         applied one tower at a time, so only one position-embedded grid is alive at once.
+        window_pos(i, dtype) -> (pos (r*r, dim) or None, r): tower i's window position embedding, added and
+        normalised in one pass (`kernels.window_pos_layer_norm`, fused path; takes precedence over add_pos).
         workspace: a dict the caller keeps across the layers of one forward (fused path, no autograd): each
-        tower's (2, M, dim) K/V buffer is reused by the next layer instead of allocated afresh (fresh
-        allocations this large cost more in first-touch page faults than the passes that fill them), and
-        the position-embedded grid is written into its K half before the GEMM overwrites it.
+        tower's (2, M, dim) K/V buffer and its normalised-grid buffer are reused by the next layer instead of
+        allocated afresh (fresh allocations this large cost more in first-touch page faults than the passes
+        that fill them).
         `window` is passed to `kernels.sva_window_attention` (query_offsets, valid_rects, masks).
         """
         q = self.q_proj(x)
@@ -119,15 +122,19 @@ class MultiKVCrossAttention(nn.Module):
             for i, t in enumerate(towers):
                 shape, dim = t.shape, t.shape[-1]
                 weight, bias = self.folded_kv(i)
-                buf = None
+                buf = normed_buf = None
                 if reuse:
-                    buf = workspace.get(i)
-                    if buf is None or buf.shape != (2, t.numel() // dim, dim) or buf.dtype != t.dtype \
-                            or buf.device != t.device:
-                        buf = workspace[i] = t.new_empty((2, t.numel() // dim, dim))
-                if add_pos is not None:
-                    t = add_pos(i, t) if buf is None else add_pos(i, t, out=buf[0].view(shape))
-                normed = F.layer_norm(t, (dim,), eps=LAYER_NORM_EPS).reshape(-1, dim)  # (M, dim), shared by K and V
+                    buf = _workspace_buffer(workspace, i, (2, t.numel() // dim, dim), t)
+                    if window_pos is not None:
+                        normed_buf = _workspace_buffer(workspace, ("normed", i), shape, t)
+                if window_pos is not None:   # + pos and LayerNorm in one pass, into the reused buffer
+                    pos, r = window_pos(i, t.dtype)
+                    normed = kernels.window_pos_layer_norm(t, pos, r, LAYER_NORM_EPS, out=normed_buf)
+                    normed = normed.reshape(-1, dim)                                    # (M, dim), shared by K and V
+                else:
+                    if add_pos is not None:
+                        t = add_pos(i, t) if buf is None else add_pos(i, t, out=buf[0].view(shape))
+                    normed = F.layer_norm(t, (dim,), eps=LAYER_NORM_EPS).reshape(-1, dim)
                 del t  # the position-embedded grid is not needed past the normalisation
                 # one batched GEMM over [W_k'; W_v'] with the input broadcast (stride 0, not copied): K and V
                 # come out as two contiguous (M, dim) blocks, the layout the attention kernels read
@@ -168,6 +175,14 @@ class MultiKVCrossAttention(nn.Module):
         if cacheable:
             self._kv_cache[i] = (_cache_key(params), weight, bias)
         return weight, bias
+
+
+def _workspace_buffer(workspace: dict, key: Any, shape: Sequence[int], like: Tensor) -> Tensor:
+    """workspace[key] if it is a buffer of that shape, dtype and device, else a new one stored there."""
+    buf = workspace.get(key)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[key] = like.new_empty(tuple(shape))
+    return buf
 
 
 def _can_cache(params: Sequence[Tensor]) -> bool:
@@ -228,6 +243,13 @@ class VisionCrossAttentionLayer(nn.Module):
                                  f"{r}x{r} tokens (expected (B, {s * r}, {s * r}, C))")
         return s
 
+    def window_pos_embed(self, i: int, dtype: torch.dtype) -> tuple[Tensor | None, int]:
+        """(pos_embed_i in `dtype`, r_i), or (None, 1) for a tower whose windows are single tokens."""
+        r = self.window_sides[i]
+        if r == 1:
+            return None, 1
+        return getattr(self, f"pos_embed_{i}").to(dtype), r
+
     def add_pos_embed(self, i: int, grid: Tensor, out: Tensor | None = None) -> Tensor:
         """grid (B, n, n, V) + pos_embed_i at every window: token (y, x) gets row (y mod r)*r + (x mod r).
 
@@ -264,7 +286,7 @@ class VisionCrossAttentionLayer(nn.Module):
             ctx = self.proj_context(context)[:, None, None, :].expand(b, h, w, -1)  # same context for every query
             x = self.proj_in(torch.cat([queries, ctx], dim=-1))                     # (B, h, w, V)
         if self.cross_attn.fused:  # position embeddings added tower by tower inside, one grid alive at a time
-            x = x + self.cross_attn(x, towers, s, add_pos=self.add_pos_embed, workspace=workspace, **window)
+            x = x + self.cross_attn(x, towers, s, window_pos=self.window_pos_embed, workspace=workspace, **window)
         else:
             grids = [self.add_pos_embed(i, t) for i, t in enumerate(towers)]
             x = x + self.cross_attn(x, grids, s, **window)

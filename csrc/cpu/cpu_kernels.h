@@ -70,12 +70,24 @@ struct WindowAttention {
   int nthreads;
 };
 
+// window_pos_layer_norm: per token (b, y, x), out = (v - mean(v)) / sqrt(var(v) + eps) with
+// v = x + pos[(y mod r) * r + (x mod r)] rounded to the storage type (LayerNorm without affine).
+struct PosLayerNorm {
+  const void* x;                 // (B, n, n, C) contiguous
+  const void* pos;               // (r*r, C) contiguous, or nullptr (no position embedding)
+  void* out;                     // (B, n, n, C) contiguous
+  int64_t B, n, r, C;
+  double eps;
+  int nthreads;
+};
+
 struct KernelTable {
   const char* name;
   void (*interp_forward[kNumDTypes])(const InterpForward&);
   void (*interp_backward[kNumDTypes])(const InterpBackward&);
   void (*attn_forward[kNumDTypes])(const WindowAttention&);
   void (*attn_backward[kNumDTypes])(const WindowAttention&);
+  void (*pos_layer_norm[kNumDTypes])(const PosLayerNorm&);
 };
 
 const KernelTable* table_base();

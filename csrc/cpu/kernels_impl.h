@@ -1007,6 +1007,63 @@ static void attn_backward(const WindowAttention& p) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// window_pos_layer_norm
+// ------------------------------------------------------------------------------------------------
+static inline float sum_sq_acc(const float* a, int64_t n) { return dot_f32(a, a, n); }
+static inline double sum_sq_acc(const double* a, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * a[i];
+  return s;
+}
+static inline float sum_acc(const float* a, const float* ones, int64_t n) { return dot_f32(a, ones, n); }
+static inline double sum_acc(const double* a, const double*, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  return s;
+}
+static inline void round_trip(float* v, f16_t* tmp, int64_t n) { store_row(v, tmp, n); load_row(tmp, v, n); }
+static inline void round_trip(float* v, bf16_t* tmp, int64_t n) { store_row(v, tmp, n); load_row(tmp, v, n); }
+static inline void round_trip(float*, float*, int64_t) {}
+static inline void round_trip(double*, double*, int64_t) {}
+
+// One token per iteration: v = x + pos (in the accumulation type, rounded to T as the separate add would),
+// two-pass mean / variance over v, out = (v - mean) * rstd.  The sums use the vectorised dot (several
+// accumulators), so the results differ from ATen's LayerNorm by float32 rounding only.
+template <class T>
+static void pos_layer_norm(const PosLayerNorm& p) {
+  using A = acc_t<T>;
+  const int64_t C = p.C, n = p.n, r = p.r, tokens = p.B * n * n;
+  const T* x = static_cast<const T*>(p.x);
+  const T* pos = static_cast<const T*>(p.pos);
+  T* out = static_cast<T*>(p.out);
+#pragma omp parallel num_threads(p.nthreads)
+  {
+    Scratch<A> v(C), pb(C), ones(C), d(C);
+    Scratch<T> tmp(C);
+    for (int64_t c = 0; c < C; ++c) ones[c] = A(1);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const A* xr = as_acc(x + t * C, d.p, C);
+      if (pos != nullptr) {
+        const int64_t y = (t / n) % n, xx = t % n;
+        const A* pr = as_acc(pos + ((y % r) * r + xx % r) * C, pb.p, C);
+        for (int64_t c = 0; c < C; ++c) v[c] = xr[c] + pr[c];
+        round_trip(v.p, tmp.p, C);
+      } else {
+        for (int64_t c = 0; c < C; ++c) v[c] = xr[c];
+      }
+      const A mean = sum_acc(v.p, ones.p, C) / A(C);
+      for (int64_t c = 0; c < C; ++c) d[c] = v[c] - mean;
+      const A var = sum_sq_acc(d.p, C) / A(C);
+      const A rstd = A(1) / static_cast<A>(__builtin_sqrt(static_cast<double>(var) + p.eps));
+      A* o = out_buf(out + t * C, v.p);
+      for (int64_t c = 0; c < C; ++c) o[c] = d[c] * rstd;
+      store_row(o, out + t * C, C);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // table
 // ------------------------------------------------------------------------------------------------
 static const KernelTable kTable = {
@@ -1015,4 +1072,5 @@ static const KernelTable kTable = {
     {&interp_backward<float>, &interp_backward<double>, &interp_backward<f16_t>, &interp_backward<bf16_t>},
     {&attn_forward<float>, &attn_forward<double>, &attn_forward<f16_t>, &attn_forward<bf16_t>},
     {&attn_backward<float>, &attn_backward<double>, &attn_backward<f16_t>, &attn_backward<bf16_t>},
+    {&pos_layer_norm<float>, &pos_layer_norm<double>, &pos_layer_norm<f16_t>, &pos_layer_norm<bf16_t>},
 };

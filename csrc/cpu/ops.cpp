@@ -5,6 +5,8 @@
 //   multi_tower_interpolate(Tensor[] features, int[] src_sizes, int[] dst_size) -> Tensor
 //   multi_tower_interpolate_backward(Tensor grad_out, int[] src_sizes, int[] dst_size, int[] channels) -> Tensor[]
 //   multi_tower_interpolate_accumulate_(Tensor(a!) out, Tensor[] features, int[] src_sizes, int[] dst_size) -> ()
+//   window_pos_layer_norm(Tensor grid, Tensor? pos, int window_side, float eps) -> Tensor, and its in-place form
+//   window_pos_layer_norm_out_(Tensor(a!) out, Tensor grid, Tensor? pos, int window_side, float eps) -> ()
 //   sva_window_attention(Tensor q, Tensor[] keys, Tensor[] values, int num_heads, int grid_side,
 //                        Tensor? query_offsets, Tensor? valid_rects, Tensor? masks, float scale) -> (Tensor, Tensor)
 //   sva_window_attention_backward(Tensor grad_out, Tensor q, Tensor[] keys, Tensor[] values, Tensor lse,
@@ -437,6 +439,60 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> sva_win
   return {gq, gk, gv};
 }
 
+// ------------------------------------------------------------------------------------------------
+// window_pos_layer_norm
+// ------------------------------------------------------------------------------------------------
+void check_pos_layer_norm(const at::Tensor& out, const at::Tensor& grid, const std::optional<at::Tensor>& pos,
+                          int64_t window_side) {
+  TORCH_CHECK(grid.device().is_cpu() && grid.dim() == 4 && grid.size(1) == grid.size(2),
+              "window_pos_layer_norm: grid must be a (B, n, n, C) CPU tensor, got ", grid.sizes());
+  const int64_t n = grid.size(1), C = grid.size(3);
+  TORCH_CHECK(window_side > 0 && n % window_side == 0, "window_pos_layer_norm: window side ", window_side,
+              " does not divide the grid side ", n);
+  dtype_index(grid.scalar_type(), "window_pos_layer_norm");
+  if (pos.has_value()) {
+    TORCH_CHECK(pos->device().is_cpu() && pos->scalar_type() == grid.scalar_type() && pos->dim() == 2 &&
+                pos->size(0) == window_side * window_side && pos->size(1) == C,
+                "window_pos_layer_norm: pos must be (", window_side * window_side, ", ", C, ") of the grid's dtype, got ",
+                pos->scalar_type(), " ", pos->sizes());
+  }
+  TORCH_CHECK(out.device().is_cpu() && out.sizes() == grid.sizes() && out.scalar_type() == grid.scalar_type() &&
+              out.is_contiguous(), "window_pos_layer_norm: out must be a contiguous tensor like the grid, got ",
+              out.scalar_type(), " ", out.sizes());
+}
+
+void run_pos_layer_norm(const at::Tensor& out, const at::Tensor& grid, const std::optional<at::Tensor>& pos,
+                        int64_t window_side, double eps) {
+  if (out.numel() == 0) return;
+  const at::Tensor x = grid.contiguous();
+  at::Tensor pc;
+  if (pos.has_value()) pc = pos->contiguous();
+  PosLayerNorm p{};
+  p.x = x.data_ptr();
+  p.pos = pc.defined() ? pc.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.B = x.size(0); p.n = x.size(1); p.r = window_side; p.C = x.size(3);
+  p.eps = eps;
+  p.nthreads = threads_for(static_cast<int64_t>(2 * out.nbytes()));
+  active_table()->pos_layer_norm[dtype_index(x.scalar_type(), "window_pos_layer_norm")](p);
+}
+
+at::Tensor window_pos_layer_norm_cpu(const at::Tensor& grid, const std::optional<at::Tensor>& pos, int64_t window_side,
+                                     double eps) {
+  at::Tensor out = empty_output(grid.sizes(), grid.options().memory_format(at::MemoryFormat::Contiguous));
+  check_pos_layer_norm(out, grid, pos, window_side);
+  run_pos_layer_norm(out, grid, pos, window_side, eps);
+  return out;
+}
+
+void window_pos_layer_norm_out_cpu(const at::Tensor& out, const at::Tensor& grid, const std::optional<at::Tensor>& pos,
+                                   int64_t window_side, double eps) {
+  check_pos_layer_norm(out, grid, pos, window_side);
+  TORCH_CHECK(!out.is_same(grid) && (out.numel() == 0 || out.data_ptr() != grid.data_ptr()),
+              "window_pos_layer_norm_out_: out must not be the grid");
+  run_pos_layer_norm(out, grid, pos, window_side, eps);
+}
+
 }  // namespace
 }  // namespace cambrian::cpu
 
@@ -446,6 +502,8 @@ TORCH_LIBRARY(cambrian, m) {
   m.def("multi_tower_interpolate_backward(Tensor grad_out, int[] src_sizes, int[] dst_size, int[] channels) -> Tensor[]", tags);
   m.def("multi_tower_interpolate_accumulate_(Tensor(a!) out, Tensor[] features, int[] src_sizes, int[] dst_size) -> ()",
         tags);
+  m.def("window_pos_layer_norm(Tensor grid, Tensor? pos, int window_side, float eps) -> Tensor", tags);
+  m.def("window_pos_layer_norm_out_(Tensor(a!) out, Tensor grid, Tensor? pos, int window_side, float eps) -> ()", tags);
   m.def("sva_window_attention(Tensor q, Tensor[] keys, Tensor[] values, int num_heads, int grid_side, "
         "Tensor? query_offsets, Tensor? valid_rects, Tensor? masks, float scale) -> (Tensor, Tensor)", tags);
   m.def("sva_window_attention_backward(Tensor grad_out, Tensor q, Tensor[] keys, Tensor[] values, Tensor lse, "
@@ -457,6 +515,8 @@ TORCH_LIBRARY_IMPL(cambrian, CPU, m) {
   m.impl("multi_tower_interpolate", &cambrian::cpu::multi_tower_interpolate_cpu);
   m.impl("multi_tower_interpolate_backward", &cambrian::cpu::multi_tower_interpolate_backward_cpu);
   m.impl("multi_tower_interpolate_accumulate_", &cambrian::cpu::multi_tower_interpolate_accumulate_cpu);
+  m.impl("window_pos_layer_norm", &cambrian::cpu::window_pos_layer_norm_cpu);
+  m.impl("window_pos_layer_norm_out_", &cambrian::cpu::window_pos_layer_norm_out_cpu);
   m.impl("sva_window_attention", &cambrian::cpu::sva_window_attention_cpu);
   m.impl("sva_window_attention_backward", &cambrian::cpu::sva_window_attention_backward_cpu);
 }
