@@ -107,9 +107,9 @@ class MultiKVCrossAttention(nn.Module):
         window_pos(i, dtype) -> (pos (r*r, dim) or None, r): tower i's window position embedding, added and
         normalised in one pass (`kernels.window_pos_layer_norm`, fused path; takes precedence over add_pos).
         workspace: a dict the caller keeps across the layers of one forward (fused path, no autograd): each
-        tower's (2, M, dim) K/V buffer and its normalised-grid buffer are reused by the next layer instead of
-        allocated afresh (fresh allocations this large cost more in first-touch page faults than the passes
-        that fill them).
+        tower's (2, M, dim) K/V buffer and one normalised-grid buffer (shared by the towers, sized for the
+        largest) are reused by the next layer instead of allocated afresh (fresh allocations this large cost
+        more in first-touch page faults than the passes that fill them).
         `window` is passed to `kernels.sva_window_attention` (query_offsets, valid_rects, masks).
         """
         q = self.q_proj(x)
@@ -125,8 +125,8 @@ class MultiKVCrossAttention(nn.Module):
                 buf = normed_buf = None
                 if reuse:
                     buf = _workspace_buffer(workspace, i, (2, t.numel() // dim, dim), t)
-                    if window_pos is not None:
-                        normed_buf = _workspace_buffer(workspace, ("normed", i), shape, t)
+                    if window_pos is not None:   # one normalised-grid buffer shared by the towers (used at once)
+                        normed_buf = _workspace_prefix(workspace, "normed", shape, t)
                 if window_pos is not None:   # + pos and LayerNorm in one pass, into the reused buffer
                     pos, r = window_pos(i, t.dtype)
                     normed = kernels.window_pos_layer_norm(t, pos, r, LAYER_NORM_EPS, out=normed_buf)
@@ -183,6 +183,17 @@ def _workspace_buffer(workspace: dict, key: Any, shape: Sequence[int], like: Ten
     if buf is None or buf.shape != tuple(shape) or buf.dtype != like.dtype or buf.device != like.device:
         buf = workspace[key] = like.new_empty(tuple(shape))
     return buf
+
+
+def _workspace_prefix(workspace: dict, key: Any, shape: Sequence[int], like: Tensor) -> Tensor:
+    """A `shape` view of the start of a flat buffer workspace[key], grown (replaced) when it is too small."""
+    numel = math.prod(shape)
+    buf = workspace.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = None
+        workspace.pop(key, None)  # free the old one before allocating its replacement
+        buf = workspace[key] = like.new_empty(numel)
+    return buf[:numel].view(tuple(shape))
 
 
 def _can_cache(params: Sequence[Tensor]) -> bool:
