@@ -357,13 +357,10 @@ def print_table(result: dict) -> None:
 
 def write_chart(result: dict, path: Path) -> None:
     """Times (with the GEMM floor), the three target ratios against their targets, peak memory."""
-    try:
-        import matplotlib
+    from _plot import pyplot
 
-        matplotlib.use("Agg")  # no display: benchmarks run headless
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; skipped the PNG chart (pip install -r requirements.txt)")
+    plt = pyplot()
+    if plt is None:
         return
     cases = result["cases"]
     labels = [f"B={c['batch']}" for c in cases]

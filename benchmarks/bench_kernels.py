@@ -373,13 +373,10 @@ TARGET_FLOOR_RATIO = 1.5  # issue 3: each kernel within 1.5x of its memory-bandw
 
 def write_chart(result: dict, path: Path) -> None:
     """Three panels per row: speed-up over the reference, time over the bandwidth floor, peak memory."""
-    try:
-        import matplotlib
+    from _plot import pyplot
 
-        matplotlib.use("Agg")  # no display: benchmarks run headless
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; skipped the PNG chart (pip install -r requirements.txt)")
+    plt = pyplot()
+    if plt is None:
         return
     rows = result["rows"]
     labels = [f"{r['kernel'].replace('interp_', 'interp ')}\nB={r['batch']} {r['mode']}" for r in rows]
