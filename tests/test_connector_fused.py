@@ -22,7 +22,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -408,34 +407,17 @@ def test_interpolate_linear_validation():
         kernels.multi_tower_interpolate_linear(x, [(3, 3)], (2, 2), torch.randn(5, 3))
 
 
-def test_interpolate_linear_composes_from_a_backend_without_it(monkeypatch):
+def test_interpolate_linear_composes_from_a_backend_without_it(monkeypatch, interp_only_backend):
     """A backend with only multi_tower_interpolate (even forced) serves the composite op with its resize."""
-    monkeypatch.setattr(kernels, "BACKENDS", dict(kernels.BACKENDS))
-    monkeypatch.setattr(kernels, "PREFERENCE", dict(kernels.PREFERENCE))
-    fake = types.ModuleType("fake_interp_only")
-    calls = []
-    fake.is_available = lambda: True
-    fake.supports = lambda op, device: op == "multi_tower_interpolate"
-
-    def interp(features, src_sizes, dst_size):
-        calls.append(tuple(src_sizes))
-        return reference.multi_tower_interpolate(features, src_sizes, dst_size)
-
-    fake.multi_tower_interpolate = interp
-    monkeypatch.setitem(sys.modules, "fake_interp_only", fake)
-    kernels.register_backend("fake_interp_only", "fake_interp_only", prefer_on=["cpu"])
-    try:
-        x = [torch.randn(1, 16, 3), torch.randn(1, 4, 2)]
-        w = torch.randn(5, 5)
-        for forced in ("", "fake_interp_only"):
-            monkeypatch.setenv(kernels.ENV_VAR, forced)
-            calls.clear()
-            got = kernels.multi_tower_interpolate_linear(x, [(4, 4), (2, 2)], (3, 3), w)
-            want = F.linear(reference.multi_tower_interpolate(x, [(4, 4), (2, 2)], (3, 3)), w)
-            torch.testing.assert_close(got, want)
-            assert calls == [((4, 4),), ((2, 2),)]
-    finally:
-        kernels._modules.pop("fake_interp_only", None)
+    x = [torch.randn(1, 16, 3), torch.randn(1, 4, 2)]
+    w = torch.randn(5, 5)
+    for forced in ("", interp_only_backend.name):
+        monkeypatch.setenv(kernels.ENV_VAR, forced)
+        interp_only_backend.calls.clear()
+        got = kernels.multi_tower_interpolate_linear(x, [(4, 4), (2, 2)], (3, 3), w)
+        want = F.linear(reference.multi_tower_interpolate(x, [(4, 4), (2, 2)], (3, 3)), w)
+        torch.testing.assert_close(got, want)
+        assert [src for src, _ in interp_only_backend.calls] == [((4, 4),), ((2, 2),)]
 
 
 # ---------------------------------------------------------------------------------------------------

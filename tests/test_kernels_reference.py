@@ -95,34 +95,17 @@ def test_interpolate_add_is_add_of_the_resize(batch, monkeypatch):
         kernels.multi_tower_interpolate_add_(torch.empty(batch, 16, 7), feats, sizes, (4, 4))
 
 
-def test_interpolate_add_on_a_backend_without_it(monkeypatch):
+def test_interpolate_add_on_a_backend_without_it(monkeypatch, interp_only_backend):
     """A backend with only multi_tower_interpolate serves multi_tower_interpolate_add_ with its own resize."""
-    monkeypatch.setattr(kernels, "BACKENDS", dict(kernels.BACKENDS))
-    monkeypatch.setattr(kernels, "PREFERENCE", dict(kernels.PREFERENCE))
-    fake = types.ModuleType("fake_interp_add")
-    calls = []
-    fake.is_available = lambda: True
-    fake.supports = lambda op, device: op == "multi_tower_interpolate"
-
-    def interp(features, src_sizes, dst_size):
-        calls.append(dst_size)
-        return reference.multi_tower_interpolate(features, src_sizes, dst_size)
-
-    fake.multi_tower_interpolate = interp
-    monkeypatch.setitem(sys.modules, "fake_interp_add", fake)
-    kernels.register_backend("fake_add", "fake_interp_add", prefer_on=["cpu"])
-    try:
-        for forced in ("", "fake_add"):
-            monkeypatch.setenv(kernels.ENV_VAR, forced)
-            calls.clear()
-            x = torch.randn(1, 9, 2)
-            out = torch.randn(1, 4, 2)
-            want = out + reference.multi_tower_interpolate([x], [(3, 3)], (2, 2))
-            kernels.multi_tower_interpolate_add_(out, [x], [(3, 3)], (2, 2))
-            torch.testing.assert_close(out, want)
-            assert calls == [(2, 2)]
-    finally:
-        kernels._modules.pop("fake_add", None)
+    for forced in ("", interp_only_backend.name):
+        monkeypatch.setenv(kernels.ENV_VAR, forced)
+        interp_only_backend.calls.clear()
+        x = torch.randn(1, 9, 2)
+        out = torch.randn(1, 4, 2)
+        want = out + reference.multi_tower_interpolate([x], [(3, 3)], (2, 2))
+        kernels.multi_tower_interpolate_add_(out, [x], [(3, 3)], (2, 2))
+        torch.testing.assert_close(out, want)
+        assert [dst for _, dst in interp_only_backend.calls] == [(2, 2)]
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -356,31 +339,14 @@ def test_forced_backends(monkeypatch):
         kernels.get_backend("sva_window_attention", "cpu")
 
 
-def test_a_new_backend_drops_in(monkeypatch):
+def test_a_new_backend_drops_in(monkeypatch, interp_only_backend):
     """A later backend only needs a module and a registry entry; callers are unchanged."""
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    monkeypatch.setattr(kernels, "BACKENDS", dict(kernels.BACKENDS))
-    monkeypatch.setattr(kernels, "PREFERENCE", dict(kernels.PREFERENCE))
-    fake = types.ModuleType("fake_kernels")
-    calls = []
-    fake.is_available = lambda: True
-    fake.supports = lambda op, device: op == "multi_tower_interpolate"
-
-    def interp(features, src_sizes, dst_size):
-        calls.append(dst_size)
-        return reference.multi_tower_interpolate(features, src_sizes, dst_size)
-
-    fake.multi_tower_interpolate = interp
-    monkeypatch.setitem(sys.modules, "fake_kernels", fake)
-    kernels.register_backend("fake", "fake_kernels", prefer_on=["cpu"])
-    try:
-        kernels.multi_tower_interpolate([torch.randn(1, 9, 2)], [(3, 3)], (2, 2))
-        assert calls == [(2, 2)]
-        # it does not implement the attention: the default falls through to the next backend ...
-        assert kernels.get_backend("sva_window_attention", "cpu") is not fake
-        # ... but forcing it for that op is an error naming the op
-        monkeypatch.setenv(kernels.ENV_VAR, "fake")
-        with pytest.raises(kernels.KernelBackendError, match="does not implement sva_window_attention"):
-            kernels.get_backend("sva_window_attention", "cpu")
-    finally:
-        kernels._modules.pop("fake", None)
+    kernels.multi_tower_interpolate([torch.randn(1, 9, 2)], [(3, 3)], (2, 2))
+    assert [dst for _, dst in interp_only_backend.calls] == [(2, 2)]
+    # it does not implement the attention: the default falls through to the next backend ...
+    assert kernels.get_backend("sva_window_attention", "cpu") is not interp_only_backend.module
+    # ... but forcing it for that op is an error naming the op
+    monkeypatch.setenv(kernels.ENV_VAR, interp_only_backend.name)
+    with pytest.raises(kernels.KernelBackendError, match="does not implement sva_window_attention"):
+        kernels.get_backend("sva_window_attention", "cpu")
