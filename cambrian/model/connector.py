@@ -582,7 +582,7 @@ class CambrianConnector(nn.Module):
         workspace[i] = buf
         x = kernels.multi_tower_interpolate_linear(tokens, sizes, (n, n), first.weight, first.bias,
                                                    out=buf[0].view(b, n * n, v))
-        x = torch._C._nn.gelu_(x, approximate=proj[1].approximate)
+        x = torch.ops.aten.gelu_(x, approximate=proj[1].approximate)  # in place: no second (B, n², V) tensor
         second = proj[2]
         y = buf[1]
         if second.bias is not None:
