@@ -833,6 +833,18 @@ static inline void gather_window(const WindowAttention& p, int64_t b, int64_t y,
   }
 }
 
+// gather_window's outputs for one query: its Kt key/value rows, their row offsets, towers and validity.
+template <class T>
+struct WindowRefs {
+  Scratch<const T*> kp, vp;
+  Scratch<int64_t> row, tower;
+  Scratch<uint8_t> ok;
+  explicit WindowRefs(int64_t Kt) : kp(Kt), vp(Kt), row(Kt), tower(Kt), ok(Kt) {}
+  void gather(const WindowAttention& p, int64_t idx) {  // idx: flat query index over (B, h, w)
+    gather_window<T>(p, idx / (p.h * p.w), (idx / p.w) % p.h, idx % p.w, kp.p, vp.p, row.p, tower.p, ok.p);
+  }
+};
+
 // Attention: key/value rows are prefetched a couple of rows ahead of their use.  With D = 1024 every
 // row is its own 4 KB page and hardware stream prefetchers do not cross pages, so without this each row
 // starts cold and the kernel reaches only about half of the memory bandwidth.
@@ -855,21 +867,13 @@ static void attn_forward(const WindowAttention& p) {
 #pragma omp parallel num_threads(p.nthreads)
   {
     Scratch<A> qs(D), kb(D), ob(D), lg(Kt * H), mx(H), inv(H);
-    Scratch<const T*> kp(Kt), vp(Kt);
-    Scratch<int64_t> row(Kt), tower(Kt);
-    Scratch<uint8_t> ok(Kt), ok2(Kt);
-    Scratch<const T*> kp2(Kt), vp2(Kt);
-    Scratch<int64_t> row2(Kt), tower2(Kt);
+    WindowRefs<T> cur(Kt), next(Kt);  // this query's windows; the next query's, only to prefetch its rows
     const int64_t rb = D * static_cast<int64_t>(sizeof(T)), PD = kPrefetchRows;
 #pragma omp for schedule(dynamic, 8)
     for (int64_t idx = 0; idx < nq; ++idx) {
-      const int64_t b = idx / (p.h * p.w), y = (idx / p.w) % p.h, x = idx % p.w;
-      gather_window<T>(p, b, y, x, kp.p, vp.p, row.p, tower.p, ok.p);
+      cur.gather(p, idx);
       const bool has_next = idx + 1 < nq;
-      if (has_next) {
-        const int64_t n1 = idx + 1;
-        gather_window<T>(p, n1 / (p.h * p.w), (n1 / p.w) % p.h, n1 % p.w, kp2.p, vp2.p, row2.p, tower2.p, ok2.p);
-      }
+      if (has_next) next.gather(p, idx + 1);
       const A* qa = as_acc(static_cast<const T*>(p.q) + idx * D, kb.p, D);
       for (int64_t j = 0; j < D; ++j) qs[j] = qa[j] * scale;  // (q * scale) . k, as the reference
 
@@ -877,10 +881,10 @@ static void attn_forward(const WindowAttention& p) {
       for (int64_t k = 0; k < Kt; ++k) {
         {  // K rows, then the V rows
           const int64_t j = k + PD;
-          if (j < Kt) { if (ok[j]) prefetch_row(kp[j], rb); } else if (j - Kt < Kt && ok[j - Kt]) prefetch_row(vp[j - Kt], rb);
+          if (j < Kt) { if (cur.ok[j]) prefetch_row(cur.kp[j], rb); } else if (j - Kt < Kt && cur.ok[j - Kt]) prefetch_row(cur.vp[j - Kt], rb);
         }
-        if (!ok[k]) continue;  // masked keys are never read
-        const A* kr = as_acc(kp[k], kb.p, D);
+        if (!cur.ok[k]) continue;  // masked keys are never read
+        const A* kr = as_acc(cur.kp[k], kb.p, D);
         A* l = lg.p + k * H;
         for (int64_t hh = 0; hh < H; ++hh) l[hh] = dot(qs.p + hh * d, kr + hh * d, d);
         for (int64_t hh = 0; hh < H; ++hh) mx[hh] = l[hh] > mx[hh] ? l[hh] : mx[hh];
@@ -888,7 +892,7 @@ static void attn_forward(const WindowAttention& p) {
       for (int64_t hh = 0; hh < H; ++hh) inv[hh] = A(0);
       for (int64_t k = 0; k < Kt; ++k) {
         A* l = lg.p + k * H;
-        if (!ok[k]) { for (int64_t hh = 0; hh < H; ++hh) l[hh] = A(0); continue; }
+        if (!cur.ok[k]) { for (int64_t hh = 0; hh < H; ++hh) l[hh] = A(0); continue; }
         for (int64_t hh = 0; hh < H; ++hh) { l[hh] = exp_acc(l[hh] - mx[hh]); inv[hh] += l[hh]; }
       }
       A* lse = static_cast<A*>(p.lse) + idx * H;
@@ -900,10 +904,10 @@ static void attn_forward(const WindowAttention& p) {
       for (int64_t k = 0; k < Kt; ++k) {
         {  // V rows, then the next query's K rows
           const int64_t j = k + PD;
-          if (j < Kt) { if (ok[j]) prefetch_row(vp[j], rb); } else if (has_next && j - Kt < Kt && ok2[j - Kt]) prefetch_row(kp2[j - Kt], rb);
+          if (j < Kt) { if (cur.ok[j]) prefetch_row(cur.vp[j], rb); } else if (has_next && j - Kt < Kt && next.ok[j - Kt]) prefetch_row(next.kp[j - Kt], rb);
         }
-        if (!ok[k]) continue;
-        const A* vr = as_acc(vp[k], kb.p, D);
+        if (!cur.ok[k]) continue;
+        const A* vr = as_acc(cur.vp[k], kb.p, D);
         const A* l = lg.p + k * H;
         for (int64_t hh = 0; hh < H; ++hh) axpy(l[hh] * inv[hh], vr + hh * d, acc + hh * d, d);
       }
@@ -924,21 +928,13 @@ static void attn_backward(const WindowAttention& p) {
 #pragma omp parallel num_threads(p.nthreads)
   {
     Scratch<A> qs(D), gb(D), kb(D), vb(D), dq(D), st(D), P(Kt * H), dS(Kt * H), delta(H);
-    Scratch<const T*> kp(Kt), vp(Kt);
-    Scratch<int64_t> row(Kt), tower(Kt);
-    Scratch<uint8_t> ok(Kt), ok2(Kt);
-    Scratch<const T*> kp2(Kt), vp2(Kt);
-    Scratch<int64_t> row2(Kt), tower2(Kt);
+    WindowRefs<T> cur(Kt), next(Kt);  // this query's windows; the next query's, only to prefetch its rows
     const int64_t rb = D * static_cast<int64_t>(sizeof(T)), PD = kPrefetchRows;
 #pragma omp for schedule(dynamic, 8)
     for (int64_t idx = 0; idx < nq; ++idx) {
-      const int64_t b = idx / (p.h * p.w), y = (idx / p.w) % p.h, x = idx % p.w;
-      gather_window<T>(p, b, y, x, kp.p, vp.p, row.p, tower.p, ok.p);
+      cur.gather(p, idx);
       const bool has_next = idx + 1 < nq;
-      if (has_next) {
-        const int64_t n1 = idx + 1;
-        gather_window<T>(p, n1 / (p.h * p.w), (n1 / p.w) % p.h, n1 % p.w, kp2.p, vp2.p, row2.p, tower2.p, ok2.p);
-      }
+      if (has_next) next.gather(p, idx + 1);
       const A* qa = as_acc(static_cast<const T*>(p.q) + idx * D, kb.p, D);
       for (int64_t j = 0; j < D; ++j) qs[j] = qa[j] * scale;
       const A* go = as_acc(static_cast<const T*>(p.gout) + idx * D, gb.p, D);
@@ -946,10 +942,10 @@ static void attn_backward(const WindowAttention& p) {
 
       for (int64_t hh = 0; hh < H; ++hh) delta[hh] = A(0);
       for (int64_t k = 0; k < Kt; ++k) {
-        if (k + PD < Kt && ok[k + PD]) { prefetch_row(kp[k + PD], rb); prefetch_row(vp[k + PD], rb); }
-        if (!ok[k]) continue;
-        const A* kr = as_acc(kp[k], kb.p, D);
-        const A* vr = as_acc(vp[k], vb.p, D);
+        if (k + PD < Kt && cur.ok[k + PD]) { prefetch_row(cur.kp[k + PD], rb); prefetch_row(cur.vp[k + PD], rb); }
+        if (!cur.ok[k]) continue;
+        const A* kr = as_acc(cur.kp[k], kb.p, D);
+        const A* vr = as_acc(cur.vp[k], vb.p, D);
         A* pk = P.p + k * H;
         A* ds = dS.p + k * H;
         for (int64_t hh = 0; hh < H; ++hh) {
@@ -962,13 +958,13 @@ static void attn_backward(const WindowAttention& p) {
       for (int64_t k = 0; k < Kt; ++k) {
         {  // the next query's K/V rows (this query's K rows are still in cache from the first pass)
           const int64_t j = k + PD - Kt;
-          if (has_next && j >= 0 && j < Kt && ok2[j]) { prefetch_row(kp2[j], rb); prefetch_row(vp2[j], rb); }
+          if (has_next && j >= 0 && j < Kt && next.ok[j]) { prefetch_row(next.kp[j], rb); prefetch_row(next.vp[j], rb); }
         }
-        T* gk = static_cast<T*>(p.gk[tower[k]]) + row[k];
-        T* gv = static_cast<T*>(p.gv[tower[k]]) + row[k];
+        T* gk = static_cast<T*>(p.gk[cur.tower[k]]) + cur.row[k];
+        T* gv = static_cast<T*>(p.gv[cur.tower[k]]) + cur.row[k];
         const bool stream = p.stream != 0;
         A* yk = stream ? st.p : out_buf(gk, st.p);
-        if (!ok[k]) {  // masked key: zero gradient (its window is read by this query only)
+        if (!cur.ok[k]) {  // masked key: zero gradient (its window is read by this query only)
           for (int64_t j = 0; j < D; ++j) yk[j] = A(0);
           put_row(yk, gk, D, stream);
           A* yv = stream ? st.p : out_buf(gv, st.p);
@@ -979,7 +975,7 @@ static void attn_backward(const WindowAttention& p) {
         const A* pk = P.p + k * H;
         A* ds = dS.p + k * H;
         for (int64_t hh = 0; hh < H; ++hh) ds[hh] = pk[hh] * (ds[hh] - delta[hh]);
-        const A* kr = as_acc(kp[k], kb.p, D);
+        const A* kr = as_acc(cur.kp[k], kb.p, D);
         for (int64_t hh = 0; hh < H; ++hh) {
           axpy(ds[hh], kr + hh * d, dq.p + hh * d, d);
           const A* qh = qs.p + hh * d;
