@@ -50,10 +50,10 @@ def check_answer(sample):
     if m := re.fullmatch(r"How many (\w+)s are there\?", q):
         assert m[1] in S.SHAPES
         return S.NUMBER_WORDS[sum(o.shape == m[1] for o in objs)]
-    if m := re.fullmatch(r"Which is (further left|further right|higher|lower), the (.+) or the (.+)\?", q):
+    if m := re.fullmatch(r"Which shape is (further left|further right|higher|lower)\?", q):
         assert len(objs) == 2, "relative-position questions are about two-object scenes"
-        a, b = _one(objs, m[2]), _one(objs, m[3])
-        assert a is not b and a.shape != b.shape
+        a, b = objs
+        assert a.shape != b.shape, "the shape word must tell the two objects apart"
         key = {"further left": lambda o: o.col, "further right": lambda o: -o.col,
                "higher": lambda o: o.row, "lower": lambda o: -o.row}[m[1]]
         assert key(a) != key(b), "the two objects must differ along the asked direction"

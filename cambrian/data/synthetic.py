@@ -1,22 +1,26 @@
 """A vision-centric synthetic data set for the built-in demo model: coloured shapes on a grid.
 
-Each image (default 64×64) shows 1-4 shapes (circle, square, triangle; 6 colours; small or large) in distinct
+Each image (default 64×64) shows 1-4 shapes (circle, square, triangle; 4 colours; small or large) in distinct
 cells of a 3×3 grid.  Each sample asks one question whose answer is a single word:
 
-    color     "What color is the circle?" / "What color is the large square?"          -> red, green, ...
+    color     "What color is the circle?" / "What color is the large square?"          -> red, green, blue, yellow
     shape     "What shape is the blue object?" / "What shape is the small red object?"   -> circle, square, triangle
     count     "How many shapes are there?" / "How many red shapes are there?" /
               "How many triangles are there?"                                            -> zero ... four
-    position  "Which is further left, the red circle or the square?" / "... further right ..." /
-              "Which is higher, ...?" / "Which is lower, ...?"  (two-object scenes)     -> circle, square, triangle
+    position  "Which shape is further left?" / "... further right?" / "Which shape is higher?" /
+              "Which shape is lower?"  (scenes of two shapes)                            -> circle, square, triangle
     size      "What size is the green triangle?"                                         -> small, large
 
 Questions are only asked when they are unambiguous: an object is named by the shortest description that fits
-it alone (e.g. "the circle" only if there is exactly one circle); relative-position questions compare two
-objects of different shapes in different columns (left/right) or rows (higher/lower), in scenes of exactly
-those two objects (telling which two of several objects are meant and then comparing them is a multi-hop
-problem the demo model does not learn within its training budget; with two objects, measured with ideal
-visual features, it goes from chance to 92% in 1,500 steps).  Question types are balanced (sample i gets type i mod 5).
+it alone (e.g. "the circle" only if there is exactly one circle).  Relative-position questions compare the two
+shapes of a two-object scene, which differ in shape and lie in different columns (left/right) or rows
+(higher/lower).  Why this form (measured on the demo model, held-out accuracy of position questions alone):
+naming the two objects ("Which is further left, the red circle or the square?") lets the model answer 50% from
+the question text alone, and it stayed on that plateau for 2,000 steps with real visual features; unnamed, it
+has to find both shapes in the image first and went from 34% to 71% in 1,500 steps.  Comparing two objects
+picked out among distractors (more than two shapes) did not leave chance within the demo's budget even with
+ideal visual features.  The 4 colours are far apart in RGB: with 6 (red/orange/purple close together) the demo's
+random-init towers separate them much more slowly.  Question types are balanced (sample i gets type i mod 5).
 
 Everything is deterministic for a seed: sample i of a split is drawn from its own `random.Random` seeded by
 (seed, split, i).  The held-out split never reuses a scene (image) of the train split.
@@ -50,8 +54,7 @@ __all__ = [
 ]
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30),
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
 }
 SHAPES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -211,22 +214,17 @@ def _ask(qtype: str, objects: Scene, rng: random.Random) -> tuple[str, str] | No
         n = sum(o.shape == shape for o in objects)
         return f"How many {PLURALS[shape]} are there?", NUMBER_WORDS[n]
     if qtype == "position":
-        # "Which is further left, the red circle or the square?" -> "square".  Both objects are named by their
-        # shortest unique description and have different shapes, so the shape word answers the question.
-        named = [(o, n) for o in objects if (n := _name(o, objects)) is not None]
-        pairs = [(a, b) for a in named for b in named if a[0].shape != b[0].shape]
-        if not pairs:
+        # "Which shape is further left?" -> "square": the two shapes of a two-object scene, of different shapes.
+        if len(objects) != 2 or objects[0].shape == objects[1].shape:
             return None
-        (a, na), (b, nb) = rng.choice(pairs)
+        a, b = objects
         forms = []
         if a.col != b.col:
             left, right = (a, b) if a.col < b.col else (b, a)
-            forms += [(f"Which is further left, the {na} or the {nb}?", left.shape),
-                      (f"Which is further right, the {na} or the {nb}?", right.shape)]
+            forms += [("Which shape is further left?", left.shape), ("Which shape is further right?", right.shape)]
         if a.row != b.row:
             top, bottom = (a, b) if a.row < b.row else (b, a)
-            forms += [(f"Which is higher, the {na} or the {nb}?", top.shape),
-                      (f"Which is lower, the {na} or the {nb}?", bottom.shape)]
+            forms += [("Which shape is higher?", top.shape), ("Which shape is lower?", bottom.shape)]
         return rng.choice(forms)  # distinct cells: at least one form exists
     if qtype == "size":
         options = [(f"What size is the {n}?", o.size) for o in objects
@@ -297,8 +295,7 @@ def tokenizer_corpus() -> list[str]:
     texts += [f"What shape is the {c} object? {shapes}" for c in COLORS]
     texts += [f"How many {c} shapes are there? How many {PLURALS[s]} are there? " + " ".join(NUMBER_WORDS[:5])
               for c in COLORS for s in SHAPES]
-    texts += [f"Which is {d}, the small {c} {s} or the large {s}?"
-              for d in ("further left", "further right", "higher", "lower") for c in COLORS for s in SHAPES]
+    texts += [f"Which shape is {d}? {shapes}" for d in ("further left", "further right", "higher", "lower")]
     texts += [f"What size is the {c} {s}? small large" for c in COLORS for s in SHAPES]
     return texts
 
