@@ -286,6 +286,32 @@ def test_stage1_trains_only_the_connector_with_sva_lr_group(inputs, tmp_path):
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(flags.values())
 
 
+def test_connector_init_orthogonal_and_default(inputs, tmp_path):
+    default = prepare_in_process(train_argv(inputs, str(tmp_path / "d"), *STAGE1)).trainer.model
+    ortho = prepare_in_process(train_argv(inputs, str(tmp_path / "o"), *STAGE1, "--mm_connector_init",
+                                          "orthogonal")).trainer.model
+    linears = [(n, m) for n, m in ortho.connector.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert any(n.startswith("vision_sampler_layers.") for n, _ in linears)  # in-LLM sampler layers included
+    for name, m in linears:
+        w = m.weight.detach().double()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # orthonormal rows or columns
+        assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.double), atol=1e-5), name
+        assert m.bias is None or not m.bias.any(), name
+    # the default init is PyTorch's (same seed: same weights as a model built without the flag)
+    again = prepare_in_process(train_argv(inputs, str(tmp_path / "d2"), *STAGE1, "--mm_connector_init",
+                                          "default")).trainer.model
+    for (n, a), b in zip(default.connector.state_dict().items(), again.connector.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert not torch.equal(default.connector.mm_projector[0].weight, ortho.connector.mm_projector[0].weight)
+
+
+def test_connector_init_unknown_is_a_clear_error(inputs, tmp_path, capsys):
+    from cambrian.train.__main__ import main
+
+    assert main(train_argv(inputs, str(tmp_path), *STAGE1, "--mm_connector_init", "xavier")) == 2
+    assert "--mm_connector_init 'xavier'" in capsys.readouterr().err
+
+
 def test_stage2_trains_llm_and_connector_towers_only_when_unfrozen(inputs, tmp_path):
     prepared = prepare_in_process(train_argv(inputs, str(tmp_path), *STAGE2))
     flags = _trainable(prepared.trainer.model)

@@ -125,6 +125,11 @@ class ModelArguments:
     image_position: Optional[int] = field(default=None, metadata={
         "help": "Written to config.json (the original's fixed image position); the model uses the actual positions."})
     unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "Also train the vision towers."})
+    mm_connector_init: str = field(default="default", metadata={
+        "help": "Initialisation of a newly built connector: default (PyTorch's, as the released recipe) or orthogonal "
+                "(orthogonal Linear weights, zero biases: the signal survives the connector's stack of random layers, "
+                "which lets a connector trained from scratch on random-init towers learn several times faster; "
+                "the built-in demo model uses it)."})
     attn_implementation: Optional[str] = field(default="sdpa", metadata={"help": "LLM attention: sdpa, eager, flash_attention_2."})
 
     @property

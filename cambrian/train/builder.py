@@ -38,7 +38,7 @@ from cambrian.utils import quiet_transformers
 from .arguments import DataArguments, ModelArguments, TrainingArguments
 
 __all__ = [
-    "BuiltModel", "build_model", "build_cambrian_config", "configure_trainable", "load_connector_weights",
+    "BuiltModel", "build_model", "build_cambrian_config", "configure_trainable", "init_connector", "load_connector_weights",
     "is_cambrian_checkpoint", "param_group_of", "trainable_summary", "find_lora_target_modules",
     "enable_activation_checkpointing", "PARAM_GROUPS", "QuantizationUnavailableError",
 ]
@@ -195,6 +195,29 @@ def load_connector_weights(model: CambrianForCausalLM, path: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ freezing
+CONNECTOR_INITS = ("default", "orthogonal")
+
+
+def init_connector(model: CambrianForCausalLM, mode: str) -> None:
+    """Re-initialise a newly built connector: "default" keeps PyTorch's init; "orthogonal" gives every Linear of
+    the connector (in-LLM sampler layers included) orthogonal weights (gain 1) and zero biases.
+
+    Why: SVA stacks about eight random Linear layers between tower features and the LLM; with PyTorch's default
+    init the per-cell differences shrink to under 1% of the token energy on the way, and a connector trained from
+    scratch on random towers (the demo model) learns 2-4x more slowly than an MLP projector.  Orthogonal weights
+    preserve norms, which closed most of that gap in the demo's measurements."""
+    if mode not in CONNECTOR_INITS:
+        raise ValueError(f"--mm_connector_init {mode!r}: choose from {', '.join(CONNECTOR_INITS)}")
+    if mode == "default" or model.connector is None:
+        return
+    with torch.no_grad():
+        for module in model.connector.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.orthogonal_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
 def configure_trainable(model: CambrianForCausalLM, model_args: ModelArguments,
                         training_args: TrainingArguments) -> None:
     """Set `requires_grad` for the stage: see the module docstring.  With LoRA the LLM is already a PeftModel
@@ -399,6 +422,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, training_a
         logger.info("loaded %d connector tensors from %s", len(keys), model_args.pretrain_mm_mlp_adapter)
     elif stage == 2 and not is_cambrian_checkpoint(path):
         logger.warning("stage 2 without --pretrain_mm_mlp_adapter: the connector starts from random weights")
+    if not is_cambrian_checkpoint(path) and not model_args.pretrain_mm_mlp_adapter:
+        init_connector(model, model_args.mm_connector_init)
 
     if quant is not None:
         from peft import prepare_model_for_kbit_training
