@@ -22,6 +22,15 @@ def parse_tower_paths(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def role_label(role: str) -> str:
+    """A template role as the terminal shows it: markup tokens dropped ("<start_of_turn>model\\n" -> "model",
+    "<|im_start|>assistant" -> "assistant"), plain names ("USER", "ASSISTANT") unchanged."""
+    import re
+
+    label = re.sub(r"<[^<>]*>", " ", role).strip()
+    return label or re.sub(r"[<|>]", "", role).strip()  # phi3's roles are nothing but markup: "<|user|>" -> "user"
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by the CLI and batch inference."""
     parser.add_argument("--model-path", required=True, help="checkpoint folder (config.json + safetensors + tokenizer)")
@@ -98,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.query is not None:
         if not args.no_stream:
-            print(f"{conv.roles[1]}: ", end="", flush=True)
+            print(f"{role_label(conv.roles[1])}: ", end="", flush=True)
         ask(args.query, first=True)
         return 0
 
@@ -106,13 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = True
     while True:
         try:
-            question = input(f"{conv.roles[0]}: ")
+            question = input(f"{role_label(conv.roles[0])}: ")
         except (EOFError, KeyboardInterrupt):
             print()
             break
         if not question.strip():
             break
-        print(f"{conv.roles[1]}: ", end="", flush=True)
+        print(f"{role_label(conv.roles[1])}: ", end="", flush=True)
         ask(question, first)
         first = False
     return 0
