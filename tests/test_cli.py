@@ -114,13 +114,31 @@ def test_batch_inference_records_bad_lines_and_resumes(checkpoint, capsys):
     assert len(out.read_text().splitlines()) == 8
 
 
-def test_demo_runs_and_says_untrained(tmp_path, capsys):
-    from cambrian import demo
+def test_image_placement_follows_the_checkpoint(checkpoint, capsys):
+    """A model trained with the image after the question (config.image_after_question) is prompted that way by
+    `generate` and the CLI; an explicit <image> in the question is kept where it is."""
+    from cambrian.model.generation import build_prompt, place_images
 
-    assert demo.main(["--output-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "UNTRAINED" in out and "ASSISTANT" in out
-    assert (tmp_path / "example.png").exists()
+    assert place_images("What is it?", 1) == "<image>\nWhat is it?"
+    assert place_images("What is it?", 2, after_question=True) == "What is it?\n<image>\n<image>"
+    assert place_images("Look: <image> what?", 1, after_question=True) == "Look: <image> what?"
+    assert place_images("What is it?", 0, after_question=True) == "What is it?"
+    assert build_prompt("vicuna_v1", "Q?", 1, image_after_question=True).endswith("USER: Q?\n<image> ASSISTANT:")
+    _, model, _, _ = load_pretrained_model(str(checkpoint / "ckpt"))
+    image = str(checkpoint / "red.png")
+    before = model.generate(images=[image], prompts=["What color is it?"], max_new_tokens=6)[0]
+    model.config.image_after_question = True
+    after = model.generate(images=[image], prompts=["What color is it?"], max_new_tokens=6)[0]
+    assert after == model.generate(images=[image], prompts=["What color is it?\n<image>"], max_new_tokens=6)[0]
+    model.config.image_after_question = False
+    assert before == model.generate(images=[image], prompts=["<image>\nWhat color is it?"], max_new_tokens=6)[0]
+
+
+def test_role_labels_drop_template_markup():
+    assert cli.role_label("<start_of_turn>model\n") == "model"
+    assert cli.role_label("<|im_start|>assistant\n") == "assistant"
+    assert cli.role_label("<|user|>\n") == "user"
+    assert cli.role_label("ASSISTANT") == "ASSISTANT"
 
 
 def test_help_explains(capsys):

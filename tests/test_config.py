@@ -92,3 +92,12 @@ def test_replace_validates():
         cfg.replace(num_query_group=2)
     with pytest.raises(ConfigError, match="hidden_size"):
         cfg.replace(hidden_size=8)
+
+
+def test_image_after_question_is_written_only_when_set(tmp_path):
+    cfg = CambrianConfig.from_dict(RELEASED_8B)
+    assert cfg.image_after_question is False and "image_after_question" not in cfg.to_dict()
+    after = cfg.replace(image_after_question=True)
+    assert after.to_dict()["image_after_question"] is True
+    after.save_pretrained(str(tmp_path))
+    assert CambrianConfig.from_pretrained(str(tmp_path)).image_after_question is True

@@ -81,6 +81,9 @@ class CambrianConfig:
     mm_use_im_start_end: bool = False
     tokenizer_model_max_length: int | None = 2048
     tokenizer_padding_side: str = "right"
+    # Not a released key: prompts put the image after the question ("<question>\n<image>") because the model was
+    # trained that way (the built-in demo model).  Written to config.json only when true.
+    image_after_question: bool = False
 
     # Keys kept verbatim (PASSTHROUGH_KEYS found in the file), written back on save.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -252,6 +255,8 @@ class CambrianConfig:
         out["model_type"] = model_type
         out["architectures"] = [_architecture_name(model_type, type(self.llm_config).__name__)]
         for k in self.mm_keys():
+            if k == "image_after_question" and not self.image_after_question:
+                continue  # released configs do not have it: a round trip must not add it
             out[k] = copy.deepcopy(getattr(self, k))
         out.update(copy.deepcopy(self.extra))
         return out

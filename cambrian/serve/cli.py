@@ -87,16 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from cambrian.conversation import get_template
-    from cambrian.constants import DEFAULT_IMAGE_TOKEN
-    from cambrian.model.generation import generate_from_prompts
+    from cambrian.model.generation import generate_from_prompts, place_images
 
     conv = get_template(model.template_name or "vicuna_v1")
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                template=model.template_name)
 
     def ask(question: str, first: bool) -> str:
-        if first and images and DEFAULT_IMAGE_TOKEN not in question:
-            question = (DEFAULT_IMAGE_TOKEN + "\n") * len(images) + question
+        if first:
+            question = place_images(question, len(images), model.config.image_after_question)
         conv.append_message(conv.roles[0], question)
         conv.append_message(conv.roles[1], None)
         stream = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))

@@ -125,6 +125,9 @@ class ModelArguments:
     image_position: Optional[int] = field(default=None, metadata={
         "help": "Written to config.json (the original's fixed image position); the model uses the actual positions."})
     unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "Also train the vision towers."})
+    image_after_question: bool = field(default=False, metadata={
+        "help": "The training data puts the image after the question (\"<question>\\n<image>\"); recorded in "
+                "config.json (image_after_question) so generation and the CLI build prompts the same way."})
     mm_connector_init: str = field(default="default", metadata={
         "help": "Initialisation of a newly built connector: default (PyTorch's, as the released recipe) or orthogonal "
                 "(orthogonal Linear weights, zero biases: the signal survives the connector's stack of random layers, "

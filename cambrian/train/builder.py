@@ -131,6 +131,7 @@ def build_cambrian_config(llm_config: Any, model_args: ModelArguments, data_args
         start_of_vision_sampler_layers=model_args.start_of_vision_sampler_layers,
         stride_of_vision_sampler_layers=model_args.stride_of_vision_sampler_layers,
         image_position=model_args.image_position,
+        image_after_question=model_args.image_after_question,
         mm_vision_select_layer=model_args.mm_vision_select_layer,
         mm_vision_select_feature=model_args.mm_vision_select_feature,
         image_aspect_ratio=data_args.image_aspect_ratio,
