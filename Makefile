@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-xla clean
+.PHONY: venv demo demo-model test test-xla clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cambrian.demo
+
+# Train the built-in demo model from scratch and replace the committed copy (cambrian/assets/tiny-cambrian-shapes).
+demo-model: $(STAMP)
+	$(PY) -m cambrian.demo --retrain --save-checkpoint cambrian/assets/tiny-cambrian-shapes
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

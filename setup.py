@@ -98,7 +98,7 @@ ext_modules, cmdclass = native_extensions()
 setup(
     packages=find_packages_mapped(),
     package_dir=PACKAGE_DIR,
-    package_data={"cambrian": ["py.typed"]},
+    package_data={"cambrian": ["py.typed", "assets/tiny-cambrian-shapes/**/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
