@@ -31,6 +31,7 @@ from typing import Any, Sequence
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 COMMITTED_CHECKPOINT = os.path.join(PACKAGE_DIR, "assets", "tiny-cambrian-shapes")
 TOWER_NAME = "tiny/siglip-48-p16"
+SCORES_FILE = "heldout_scores.json"
 
 
 @dataclass
@@ -280,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.makedirs(args.output_dir, exist_ok=True)
     model_dir = args.checkpoint
-    if args.retrain or not os.path.isfile(os.path.join(model_dir, "config.json")):
+    trained = args.retrain or not os.path.isfile(os.path.join(model_dir, "config.json"))
+    if trained:
         if not args.retrain:
             print(f"no trained demo model at {model_dir}: training one (about 5 minutes on 2 cores)", flush=True)
         model_dir = train_demo_model(args.output_dir, recipe)
@@ -298,7 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"[5/5] scoring {recipe.n_heldout} held-out questions ...", flush=True)
     _, heldout = recipe.splits()
-    print(format_scores(evaluate(model_dir, heldout)), flush=True)
+    try:
+        scores = evaluate(model_dir, heldout)
+    except (OSError, ValueError) as exc:  # a damaged checkpoint folder: say so instead of a traceback
+        print(f"error: cannot load the demo model at {model_dir}: {exc}\n"
+              f"(python -m cambrian.demo --retrain trains a new one)", file=sys.stderr)
+        return 2
+    print(format_scores(scores), flush=True)
+    if trained:  # recorded with the checkpoint (tests/test_demo.py checks the committed one still scores this)
+        with open(os.path.join(model_dir, SCORES_FILE), "w", encoding="utf-8") as f:
+            json.dump({"n_heldout": len(heldout), "scores": scores}, f, indent=2)
 
     from cambrian.serve import cli
 
