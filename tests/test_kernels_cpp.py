@@ -126,6 +126,39 @@ def test_interpolate_backward_vs_float64(dtype):
         assert err <= 2 * ref_err + (1e-5 if dtype == torch.float32 else 1e-2), (err, ref_err)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_interpolate_backward_chunks_blocks_and_streaming(batch):
+    """The backward's code paths the small shapes above do not reach: several channel chunks (a wide source
+    row: 2000 columns), blocks of input rows, a gradient larger than the streaming threshold (16 MB) -- each
+    with a channel count that is not a multiple of 16, planar and token-major, up- and downsampling.  Against
+    float64 autograd through F.interpolate, and the same bits at 1 and 2 threads (fixed summation order)."""
+    cases = [((5, 2000), (7, 3), 301, False),   # several chunks: K * w column sums exceed the chunk budget
+             ((64, 64), (96, 96), 1041 // batch, True),  # gx > 16 MB (batch 1): streamed; upsampling
+             ((40, 33), (17, 24), 37, True)]     # downsampling rows, upsampling columns
+    for src, dst, c, conv in cases:
+        x = torch.randn(batch, src[0] * src[1], c, dtype=torch.float64)
+        g = torch.randn(batch, dst[0] * dst[1], c, dtype=torch.float64)
+
+        def grad(fn, x0):
+            leaf = x0.detach().clone().requires_grad_(True)
+            (fn(planar(leaf, src) if conv else leaf).double() * g).sum().backward()
+            return leaf.grad
+
+        truth = grad(lambda f: f_interpolate_tokens(f, src, dst), x)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = grad(lambda f: cpp.multi_tower_interpolate([f], [src], dst), x.float())
+            torch.set_num_threads(2)
+            two = grad(lambda f: cpp.multi_tower_interpolate([f], [src], dst), x.float())
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two)
+        ref = grad(lambda f: reference.multi_tower_interpolate([f], [src], dst), x.float())
+        err, ref_err = (one.double() - truth).abs().max().item(), (ref.double() - truth).abs().max().item()
+        assert err <= 2 * ref_err + 1e-5, (src, dst, c, err, ref_err)
+
+
 def test_interpolate_gradcheck_float64():
     xs = [torch.randn(2, 15, 3, dtype=torch.float64, requires_grad=True),
           torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True),

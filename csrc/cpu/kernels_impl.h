@@ -750,39 +750,85 @@ static void interp_forward(const InterpForward& p) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// multi_tower_interpolate: backward (transposed taps, separable: rows then columns)
+// multi_tower_interpolate: backward (transposed taps, separable: columns then rows)
 // ------------------------------------------------------------------------------------------------
+// Columns first, so every output row's gradient is read from memory once: cs(oy)[ix][:] = sum over output
+// columns ox reading ix of wx * g[b, oy, ox, :] (the "column sums" of output row oy, w x n values), then
+// gx[b, iy, ix, :] = sum over output rows oy reading input row iy of wy * cs(oy)[ix][:].  An output row is
+// read by two input rows (its two taps), so its column sums stay in a small cache of K slots (K: the longest
+// tap list of an input row) while consecutive input rows of one item use them.  (Rows first, as before,
+// reads each output row twice, and with a gradient row of W x n values far larger than L2 the second read
+// comes from L3 or memory.)  Items are blocks of consecutive input rows of one channel chunk.  The summation
+// order of an input row is fixed (output order of the tap lists), so results do not depend on the threads.
+constexpr int64_t kGradPrefetch = 2;
 template <class T, bool F>
-static void interp_backward_impl(const InterpBackward& p) {
+static void interp_backward_cols_first(const InterpBackward& p) {
   using A = acc_t<T>;
   const Taps<A> rows = Taps<A>::template make<F>(p.h, p.H);
   const Taps<A> cols = Taps<A>::template make<F>(p.w, p.W);
   const TapLists<A> rl(rows, p.h, p.H), cl(cols, p.w, p.W);
-  // channel chunk: the row buffer tmp (W x CC) stays in L2
-  const int64_t C = p.C, W = p.W, CC = imin(C, imax(256, (131072 / W) / 16 * 16)), nch = (C + CC - 1) / CC;
+  const int64_t C = p.C, W = p.W, w = p.w, h = p.h;
+  int64_t K = 1;
+  for (int64_t iy = 0; iy < h; ++iy) K = imax(K, rl.start.p[iy + 1] - rl.start.p[iy]);
+  // channel chunk: 2 MB of column sums.  More than L2 (1-2 MB per core), measured faster on the ConvNeXt
+  // stages than chunks that fit it: a longer chunk is a longer contiguous run of each gradient pixel, and
+  // those reads, not the cache traffic of the sums, bound this kernel
+  const int64_t n_l2 = imax(16, (524288 / (K * w)) / 16 * 16);
+  const int64_t nch = (C + n_l2 - 1) / n_l2, CC = ((C + nch - 1) / nch + 15) / 16 * 16;
+  // blocks of input rows: a few items per thread (dynamic scheduling evens out a busy core); each block
+  // boundary costs the column sums of the output rows shared with the neighbour block once more
+  const int64_t want = 4 * static_cast<int64_t>(p.nthreads), per = p.B * nch;
+  const int64_t nblk = imin(h, imax(1, (want + per - 1) / per)), RB = (h + nblk - 1) / nblk;
   const T* g = static_cast<const T*>(p.g);
   T* gx = static_cast<T*>(p.gx);
 #pragma omp parallel num_threads(p.nthreads)
   {
-    Scratch<A> tmp(W * CC), gb(CC), acc(CC);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t item = 0; item < p.B * p.h * nch; ++item) {
-      const int64_t b = item / (p.h * nch), rem = item % (p.h * nch);
-      const int64_t iy = rem / nch, c_lo = (rem % nch) * CC, n = imin(CC, C - c_lo);
-      // tmp[ox][:] = sum over output rows oy reading input row iy of  wy * g[b, oy, ox, :]
-      for (int64_t j = 0; j < W * n; ++j) tmp[j] = A(0);
-      for (int64_t e = rl.start.p[iy]; e < rl.start.p[iy + 1]; ++e) {
-        const A wy = rl.wt.p[e];
-        const T* grow = g + b * p.g_sb + rl.out.p[e] * W * p.g_st + c_lo;
-        for (int64_t ox = 0; ox < W; ++ox) axpy(wy, as_acc(grow + ox * p.g_st, gb.p, n), tmp.p + ox * n, n);
-      }
-      // gx[b, iy, ix, :] = sum over output columns ox reading ix of  wx * tmp[ox][:]
-      for (int64_t ix = 0; ix < p.w; ++ix) {
-        T* dst = gx + ((b * p.h + iy) * p.w + ix) * C + c_lo;
-        A* y = p.stream ? acc.p : out_buf(dst, acc.p);
-        for (int64_t j = 0; j < n; ++j) y[j] = A(0);
-        for (int64_t e = cl.start.p[ix]; e < cl.start.p[ix + 1]; ++e) axpy(cl.wt.p[e], tmp.p + cl.out.p[e] * n, y, n);
-        put_row(y, dst, n, p.stream != 0);
+    Scratch<A> cs(K * w * CC), gb(CC), acc(CC);
+    Scratch<int64_t> tag(K);
+    Scratch<const A*> use(K);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < per * nblk; ++item) {
+      const int64_t b = item / (nch * nblk), ch = (item / nblk) % nch, blk = item % nblk;
+      const int64_t c_lo = ch * CC, n = imin(CC, C - c_lo);
+      if (n <= 0) continue;
+      for (int64_t k = 0; k < K; ++k) tag[k] = -1;
+      for (int64_t iy = blk * RB; iy < imin(h, (blk + 1) * RB); ++iy) {
+        const int64_t e0 = rl.start.p[iy], ne = rl.start.p[iy + 1] - e0;
+        for (int64_t e = 0; e < ne; ++e) {  // the column sums of every output row reading iy
+          const int64_t oy = rl.out.p[e0 + e];
+          int64_t slot = -1;
+          for (int64_t k = 0; k < K && slot < 0; ++k) slot = tag[k] == oy ? k : -1;
+          if (slot < 0) {  // evict the lowest output row not in this list (rows only move forward)
+            for (int64_t k = 0; k < K; ++k) {
+              bool pinned = false;
+              for (int64_t f = 0; f < ne && !pinned; ++f) pinned = tag[k] == rl.out.p[e0 + f];
+              if (!pinned && (slot < 0 || tag[k] < tag[slot])) slot = k;
+            }
+            A* dst = cs.p + slot * w * CC;
+            const T* grow = g + b * p.g_sb + oy * W * p.g_st + c_lo;
+            int64_t pf_next = 0;  // output pixels below this one are prefetched
+            for (int64_t ix = 0; ix < w; ++ix) {
+              // each pixel's run is its own page for the large chunks here: no hardware stream to follow, so
+              // runs are prefetched kGradPrefetch pixels ahead of the last one this input column reads
+              const int64_t last = cl.start.p[ix + 1] > cl.start.p[ix] ? cl.out.p[cl.start.p[ix + 1] - 1] : 0;
+              for (; pf_next < imin(W, last + 1 + kGradPrefetch); ++pf_next)
+                prefetch_row(grow + pf_next * p.g_st, n * static_cast<int64_t>(sizeof(T)));
+              A* y = dst + ix * CC;
+              for (int64_t j = 0; j < n; ++j) y[j] = A(0);
+              for (int64_t f = cl.start.p[ix]; f < cl.start.p[ix + 1]; ++f)
+                axpy(cl.wt.p[f], as_acc(grow + cl.out.p[f] * p.g_st, gb.p, n), y, n);
+            }
+            tag[slot] = oy;
+          }
+          use[e] = cs.p + slot * w * CC;
+        }
+        for (int64_t ix = 0; ix < w; ++ix) {
+          T* dst = gx + ((b * h + iy) * w + ix) * C + c_lo;
+          A* y = p.stream ? acc.p : out_buf(dst, acc.p);
+          for (int64_t j = 0; j < n; ++j) y[j] = A(0);
+          for (int64_t e = 0; e < ne; ++e) axpy(rl.wt.p[e0 + e], use[e] + ix * CC, y, n);
+          put_row(y, dst, n, p.stream != 0);
+        }
       }
     }
     stream_fence();
@@ -791,7 +837,7 @@ static void interp_backward_impl(const InterpBackward& p) {
 
 template <class T>
 static void interp_backward(const InterpBackward& p) {
-  if (p.fused) interp_backward_impl<T, true>(p); else interp_backward_impl<T, false>(p);
+  if (p.fused) interp_backward_cols_first<T, true>(p); else interp_backward_cols_first<T, false>(p);
 }
 
 // ------------------------------------------------------------------------------------------------
