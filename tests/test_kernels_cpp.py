@@ -128,13 +128,16 @@ def test_interpolate_backward_vs_float64(dtype):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_interpolate_backward_chunks_blocks_and_streaming(batch):
-    """The backward's code paths the small shapes above do not reach: several channel chunks (a wide source
-    row: 2000 columns), blocks of input rows, a gradient larger than the streaming threshold (16 MB) -- each
-    with a channel count that is not a multiple of 16, planar and token-major, up- and downsampling.  Against
-    float64 autograd through F.interpolate, and the same bits at 1 and 2 threads (fixed summation order)."""
-    cases = [((5, 2000), (7, 3), 301, False),   # several chunks: K * w column sums exceed the chunk budget
-             ((64, 64), (96, 96), 1041 // batch, True),  # gx > 16 MB (batch 1): streamed; upsampling
-             ((40, 33), (17, 24), 37, True)]     # downsampling rows, upsampling columns
+    """The backward's code paths the small shapes above do not reach: rows-first (inputs wider than the output)
+    and columns-first orders, several channel chunks (wide rows), blocks of input rows, a gradient larger than
+    the streaming threshold (16 MB) -- with channel counts that are not multiples of 16, planar and token-major,
+    up- and downsampling.  Against float64 autograd through F.interpolate, and the same bits at 1 and 2 threads
+    (fixed summation order)."""
+    cases = [((5, 700), (7, 600), 301, False),     # rows first (w > W), two channel chunks
+             ((3, 1500), (40, 1600), 37, True),     # columns first, chunks of 16, 16 and 5 channels
+             ((64, 64), (96, 96), 1041 // batch, True),  # columns first, gx > 16 MB: streamed; row blocks
+             ((40, 33), (17, 24), 37, True),        # rows first, downsampling
+             ((33, 24), (17, 40), 37, False)]       # columns first, downsampling rows
     for src, dst, c, conv in cases:
         x = torch.randn(batch, src[0] * src[1], c, dtype=torch.float64)
         g = torch.randn(batch, dst[0] * dst[1], c, dtype=torch.float64)
