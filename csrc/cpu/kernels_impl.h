@@ -289,6 +289,66 @@ static inline void axpy_f32(float alpha, const float* __restrict x, float* __res
 }
 #endif
 
+// y = sum over f < m of w[f] * x[f] (rows of n values, f in order, from zero): the same bits as zeroing y and
+// applying axpy(w[f], x[f], y) for f = 0, 1, ..., but each output vector is accumulated in registers and stored
+// once.  The interpolate backward's sums of 2-6 weighted rows were bound by the read-modify-write of y.
+template <class A>
+static inline void wsum_scalar(const A* const* x, const A* w, int64_t m, A* __restrict y, int64_t i, int64_t n) {
+  for (; i < n; ++i) {
+    A s = A(0);
+    for (int64_t f = 0; f < m; ++f) s = fmac(w[f], x[f][i], s);
+    y[i] = s;
+  }
+}
+#if defined(CAMBRIAN_ISA_AVX512)
+static inline void wsum(const float* const* x, const float* w, int64_t m, float* __restrict y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) {
+      const __m512 vw = _mm512_set1_ps(w[f]);
+      s0 = _mm512_fmadd_ps(vw, _mm512_loadu_ps(x[f] + i), s0);
+      s1 = _mm512_fmadd_ps(vw, _mm512_loadu_ps(x[f] + i + 16), s1);
+    }
+    _mm512_storeu_ps(y + i, s0);
+    _mm512_storeu_ps(y + i + 16, s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    __m512 s0 = _mm512_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) s0 = _mm512_fmadd_ps(_mm512_set1_ps(w[f]), _mm512_maskz_loadu_ps(k, x[f] + i), s0);
+    _mm512_mask_storeu_ps(y + i, k, s0);
+  }
+}
+#elif defined(CAMBRIAN_ISA_AVX2)
+static inline void wsum(const float* const* x, const float* w, int64_t m, float* __restrict y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) {
+      const __m256 vw = _mm256_set1_ps(w[f]);
+      s0 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(x[f] + i), s0);
+      s1 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(x[f] + i + 8), s1);
+    }
+    _mm256_storeu_ps(y + i, s0);
+    _mm256_storeu_ps(y + i + 8, s1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    __m256 s0 = _mm256_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) s0 = _mm256_fmadd_ps(_mm256_set1_ps(w[f]), _mm256_loadu_ps(x[f] + i), s0);
+    _mm256_storeu_ps(y + i, s0);
+  }
+  wsum_scalar(x, w, m, y, i, n);
+}
+#else
+static inline void wsum(const float* const* x, const float* w, int64_t m, float* __restrict y, int64_t n) {
+  wsum_scalar(x, w, m, y, 0, n);
+}
+#endif
+static inline void wsum(const double* const* x, const double* w, int64_t m, double* __restrict y, int64_t n) {
+  wsum_scalar(x, w, m, y, 0, n);
+}
+
 static inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) { return dot_f32(a, b, n); }
 static inline double dot(const double* __restrict a, const double* __restrict b, int64_t n) {
   double s = 0.0;
@@ -752,6 +812,13 @@ static void interp_forward(const InterpForward& p) {
 // ------------------------------------------------------------------------------------------------
 // multi_tower_interpolate: backward (transposed taps, separable: columns then rows)
 // ------------------------------------------------------------------------------------------------
+template <class A>
+static inline int64_t max_list(const TapLists<A>& t, int64_t n_in) {  // the longest tap list (at least 1)
+  int64_t k = 1;
+  for (int64_t i = 0; i < n_in; ++i) k = imax(k, t.start.p[i + 1] - t.start.p[i]);
+  return k;
+}
+
 // Columns first (inputs no wider than the output), so every output row's gradient is read from memory once: cs(oy)[ix][:] = sum over output
 // columns ox reading ix of wx * g[b, oy, ox, :] (the "column sums" of output row oy, w x n values), then
 // gx[b, iy, ix, :] = sum over output rows oy reading input row iy of wy * cs(oy)[ix][:].  An output row is
@@ -768,8 +835,7 @@ static void interp_backward_cols_first(const InterpBackward& p) {
   const Taps<A> cols = Taps<A>::template make<F>(p.w, p.W);
   const TapLists<A> rl(rows, p.h, p.H), cl(cols, p.w, p.W);
   const int64_t C = p.C, W = p.W, w = p.w, h = p.h;
-  int64_t K = 1;
-  for (int64_t iy = 0; iy < h; ++iy) K = imax(K, rl.start.p[iy + 1] - rl.start.p[iy]);
+  const int64_t K = max_list(rl, h), Kc = max_list(cl, w);
   // channel chunk: 2 MB of column sums.  More than L2 (1-2 MB per core), measured faster on the ConvNeXt
   // stages than chunks that fit it: a longer chunk is a longer contiguous run of each gradient pixel, and
   // those reads, not the cache traffic of the sums, bound this kernel
@@ -783,9 +849,9 @@ static void interp_backward_cols_first(const InterpBackward& p) {
   T* gx = static_cast<T*>(p.gx);
 #pragma omp parallel num_threads(p.nthreads)
   {
-    Scratch<A> cs(K * w * CC), gb(CC), acc(CC);
+    Scratch<A> cs(K * w * CC), gb(Kc * CC), acc(CC);
     Scratch<int64_t> tag(K);
-    Scratch<const A*> use(K);
+    Scratch<const A*> use(K), xs(imax(K, Kc));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < per * nblk; ++item) {
       const int64_t b = item / (nch * nblk), ch = (item / nblk) % nch, blk = item % nblk;
@@ -813,10 +879,9 @@ static void interp_backward_cols_first(const InterpBackward& p) {
               const int64_t last = cl.start.p[ix + 1] > cl.start.p[ix] ? cl.out.p[cl.start.p[ix + 1] - 1] : 0;
               for (; pf_next < imin(W, last + 1 + kGradPrefetch); ++pf_next)
                 prefetch_row(grow + pf_next * p.g_st, n * static_cast<int64_t>(sizeof(T)));
-              A* y = dst + ix * CC;
-              for (int64_t j = 0; j < n; ++j) y[j] = A(0);
-              for (int64_t f = cl.start.p[ix]; f < cl.start.p[ix + 1]; ++f)
-                axpy(cl.wt.p[f], as_acc(grow + cl.out.p[f] * p.g_st, gb.p, n), y, n);
+              const int64_t f0 = cl.start.p[ix], nf = cl.start.p[ix + 1] - f0;
+              for (int64_t f = 0; f < nf; ++f) xs[f] = as_acc(grow + cl.out.p[f0 + f] * p.g_st, gb.p + f * CC, n);
+              wsum(xs.p, cl.wt.p + f0, nf, dst + ix * CC, n);
             }
             tag[slot] = oy;
           }
@@ -825,8 +890,8 @@ static void interp_backward_cols_first(const InterpBackward& p) {
         for (int64_t ix = 0; ix < w; ++ix) {
           T* dst = gx + ((b * h + iy) * w + ix) * C + c_lo;
           A* y = p.stream ? acc.p : out_buf(dst, acc.p);
-          for (int64_t j = 0; j < n; ++j) y[j] = A(0);
-          for (int64_t e = 0; e < ne; ++e) axpy(rl.wt.p[e0 + e], use[e] + ix * CC, y, n);
+          for (int64_t e = 0; e < ne; ++e) xs[e] = use[e] + ix * CC;
+          wsum(xs.p, rl.wt.p + e0, ne, y, n);
           put_row(y, dst, n, p.stream != 0);
         }
       }
@@ -838,9 +903,9 @@ static void interp_backward_cols_first(const InterpBackward& p) {
 // Rows first (the transposed taps of the rows, then of the columns), for inputs wider than the output
 // (w > W, a downsampling forward): here the column sums of cols-first would be larger than the gradient row
 // they come from (w x n against W x n), while the rows-first intermediate tmp (W x n) stays in L2, and an
-// output row read by two consecutive input rows is still in L2 the second time (measured: cols-first is ~30%
-// slower on the 256 -> 96 ConvNeXt stage, the same on 128 -> 96; prefetching the gradient runs does not help
-// here).  Items: (b, input row, chunk).
+// output row read by two consecutive input rows is still in L2 the second time (measured: cols-first was ~30%
+// slower on the 256 -> 96 ConvNeXt stage, the same on 128 -> 96; prefetching the gradient runs did not help
+// here; with 32 -> 96 and 64 -> 96 cols-first is the faster order).  Items: (b, input row, chunk).
 template <class T, bool F>
 static void interp_backward_rows_first(const InterpBackward& p) {
   using A = acc_t<T>;
@@ -849,28 +914,32 @@ static void interp_backward_rows_first(const InterpBackward& p) {
   const TapLists<A> rl(rows, p.h, p.H), cl(cols, p.w, p.W);
   // channel chunk: the row buffer tmp (W x CC) stays in L2
   const int64_t C = p.C, W = p.W, CC = imin(C, imax(256, (131072 / W) / 16 * 16)), nch = (C + CC - 1) / CC;
+  const int64_t K = max_list(rl, p.h), Kc = max_list(cl, p.w);
   const T* g = static_cast<const T*>(p.g);
   T* gx = static_cast<T*>(p.gx);
 #pragma omp parallel num_threads(p.nthreads)
   {
-    Scratch<A> tmp(W * CC), gb(CC), acc(CC);
+    Scratch<A> tmp(W * CC), gb(K * CC), acc(CC);
+    Scratch<const A*> xs(imax(K, Kc));
 #pragma omp for schedule(dynamic, 4)
     for (int64_t item = 0; item < p.B * p.h * nch; ++item) {
       const int64_t b = item / (p.h * nch), rem = item % (p.h * nch);
       const int64_t iy = rem / nch, c_lo = (rem % nch) * CC, n = imin(CC, C - c_lo);
       // tmp[ox][:] = sum over output rows oy reading input row iy of  wy * g[b, oy, ox, :]
-      for (int64_t j = 0; j < W * n; ++j) tmp[j] = A(0);
-      for (int64_t e = rl.start.p[iy]; e < rl.start.p[iy + 1]; ++e) {
-        const A wy = rl.wt.p[e];
-        const T* grow = g + b * p.g_sb + rl.out.p[e] * W * p.g_st + c_lo;
-        for (int64_t ox = 0; ox < W; ++ox) axpy(wy, as_acc(grow + ox * p.g_st, gb.p, n), tmp.p + ox * n, n);
+      const int64_t e0 = rl.start.p[iy], ne = rl.start.p[iy + 1] - e0;
+      const T* gb0 = g + b * p.g_sb + c_lo;
+      for (int64_t ox = 0; ox < W; ++ox) {
+        for (int64_t e = 0; e < ne; ++e)
+          xs[e] = as_acc(gb0 + (rl.out.p[e0 + e] * W + ox) * p.g_st, gb.p + e * CC, n);
+        wsum(xs.p, rl.wt.p + e0, ne, tmp.p + ox * n, n);
       }
       // gx[b, iy, ix, :] = sum over output columns ox reading ix of  wx * tmp[ox][:]
       for (int64_t ix = 0; ix < p.w; ++ix) {
         T* dst = gx + ((b * p.h + iy) * p.w + ix) * C + c_lo;
         A* y = p.stream ? acc.p : out_buf(dst, acc.p);
-        for (int64_t j = 0; j < n; ++j) y[j] = A(0);
-        for (int64_t e = cl.start.p[ix]; e < cl.start.p[ix + 1]; ++e) axpy(cl.wt.p[e], tmp.p + cl.out.p[e] * n, y, n);
+        const int64_t f0 = cl.start.p[ix], nf = cl.start.p[ix + 1] - f0;
+        for (int64_t f = 0; f < nf; ++f) xs[f] = tmp.p + cl.out.p[f0 + f] * n;
+        wsum(xs.p, cl.wt.p + f0, nf, y, n);
         put_row(y, dst, n, p.stream != 0);
       }
     }
