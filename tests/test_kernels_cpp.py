@@ -74,6 +74,29 @@ def test_interpolate_bit_identical_to_f_interpolate(src, dst, dtype):
             assert_same(got, f_interpolate_tokens(inp, src, dst))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_interpolate_planar_streamed_output_bit_identical(batch):
+    """Outputs over the streaming threshold (16 MB): the planar separable path writes them with non-temporal
+    stores straight from the blend.  Up- and downsampling stages, channel counts that are not multiples of 16,
+    and a 3-channel tower in front so every run starts off a 64-byte boundary (the scalar head); every ISA."""
+    c = 467 if batch == 1 else 157
+    lead = torch.randn(batch, 9 * 9, 3)
+    stages = [torch.randn(batch, c, n, n) for n in (40, 120)]
+    feats = [lead, *[m.flatten(2).transpose(1, 2) for m in stages]]
+    sizes = [(9, 9), (40, 40), (120, 120)]
+    want = torch.cat([f_interpolate_tokens(f, s, (96, 96)) for f, s in zip(feats, sizes)], dim=-1)
+    from cambrian.kernels import _C
+    default = _C.isa()
+    try:
+        for name in [isa for isa in ("base", "avx2", "avx512") if _C.cpu_supports(isa)]:  # each ISA's streaming
+            _C.set_isa(name)
+            out = cpp.multi_tower_interpolate(feats, sizes, (96, 96))
+            assert out.nbytes > 16 << 20
+            assert_same(out, want)
+    finally:
+        _C.set_isa(default)
+
+
 def test_interpolate_towers_concatenated_in_place():
     """Several towers (token-major, planar, same-size copy, a strided slice) land in one output."""
     a = torch.randn(2, 27 * 27, 19)
