@@ -185,6 +185,22 @@ def test_interpolate_backward_chunks_blocks_and_streaming(batch):
         assert err <= 2 * ref_err + 1e-5, (src, dst, c, err, ref_err)
 
 
+def test_interpolate_autograd_mixed_dtypes_and_partial_grads():
+    """The C++ autograd (ops.cpp InterpolateFunction): each grid's gradient comes back in that grid's dtype,
+    grids that do not require grad get none, and the values match the reference backend's autograd."""
+    a = torch.randn(3, 7 * 5, 19, requires_grad=True)                          # float32, token-major
+    b = torch.randn(3, 4, 9, 9, dtype=torch.bfloat16, requires_grad=True)      # bfloat16 conv map
+    c = torch.randn(3, 6 * 6, 5)                                               # no grad
+    sizes, dst = [(7, 5), (9, 9), (6, 6)], (8, 4)
+    g = torch.randn(3, 32, 28)
+    got = torch.autograd.grad(cpp.multi_tower_interpolate([a, b.flatten(2).transpose(1, 2), c], sizes, dst), [a, b], g)
+    want = torch.autograd.grad(reference.multi_tower_interpolate([a, b.flatten(2).transpose(1, 2), c], sizes, dst),
+                               [a, b], g)
+    assert [t.dtype for t in got] == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2e-2, atol=2e-2)
+
+
 def test_interpolate_gradcheck_float64():
     xs = [torch.randn(2, 15, 3, dtype=torch.float64, requires_grad=True),
           torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True),
