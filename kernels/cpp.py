@@ -16,8 +16,9 @@ The extension `cambrian.kernels._C` (built by setup.py from csrc/cpu/*.cpp) defi
   (valid_rects stacked to (towers, B, 4), masks flattened and concatenated to (B, sum n_i^2)), and its
   ``sva_window_attention_backward``.
 
-This module adds their autograd formulas (`torch.library.register_autograd`) and fake/meta
-implementations (`torch.library.register_fake`), so autograd, `torch.compile` and `torch.export` see
+This module adds their autograd formulas (`torch.library.register_autograd`; multi_tower_interpolate's is in
+C++, ops.cpp `InterpolateFunction`, so calls do not pass through Python) and fake/meta implementations
+(`torch.library.register_fake`), so autograd, `torch.compile` and `torch.export` see
 opaque ops with known shapes, and exposes the backend interface of `cambrian.kernels`
 (`is_available`, `supports`, and the two ops with the reference signatures).
 
@@ -186,18 +187,6 @@ def _interp_backward_fake(grad_out, src_sizes, dst_size, channels):
     return [grad_out.new_empty((b, src_sizes[2 * i] * src_sizes[2 * i + 1], c)) for i, c in enumerate(channels)]
 
 
-def _interp_setup_context(ctx, inputs, output):
-    features, src_sizes, dst_size = inputs
-    ctx.src_sizes, ctx.dst_size = list(src_sizes), list(dst_size)
-    ctx.channels = [f.shape[-1] for f in features]
-    ctx.dtypes = [f.dtype for f in features]
-
-
-def _interp_backward(ctx, grad):
-    grads = torch.ops.cambrian.multi_tower_interpolate_backward(grad, ctx.src_sizes, ctx.dst_size, ctx.channels)
-    return [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)], None, None
-
-
 def _attn_fake(q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks, scale):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((*q.shape[:3], num_heads), dtype=_lse_dtype(q.dtype))
@@ -269,8 +258,6 @@ def _register() -> None:
     torch.library.register_autograd(lib + "window_pos_layer_norm", _pln_backward, setup_context=_pln_setup_context)
     torch.library.register_fake(lib + "sva_window_attention", _attn_fake)
     torch.library.register_fake(lib + "sva_window_attention_backward", _attn_backward_fake)
-    torch.library.register_autograd(lib + "multi_tower_interpolate", _interp_backward,
-                                    setup_context=_interp_setup_context)
     torch.library.register_autograd(lib + "sva_window_attention", _attn_backward,
                                     setup_context=_attn_setup_context)
 

@@ -74,6 +74,29 @@ def test_interpolate_bit_identical_to_f_interpolate(src, dst, dtype):
             assert_same(got, f_interpolate_tokens(inp, src, dst))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_interpolate_planar_streamed_output_bit_identical(batch):
+    """Outputs over the streaming threshold (16 MB): the planar separable path writes them with non-temporal
+    stores straight from the blend.  Up- and downsampling stages, channel counts that are not multiples of 16,
+    and a 3-channel tower in front so every run starts off a 64-byte boundary (the scalar head); every ISA."""
+    c = 467 if batch == 1 else 157
+    lead = torch.randn(batch, 9 * 9, 3)
+    stages = [torch.randn(batch, c, n, n) for n in (40, 120)]
+    feats = [lead, *[m.flatten(2).transpose(1, 2) for m in stages]]
+    sizes = [(9, 9), (40, 40), (120, 120)]
+    want = torch.cat([f_interpolate_tokens(f, s, (96, 96)) for f, s in zip(feats, sizes)], dim=-1)
+    from cambrian.kernels import _C
+    default = _C.isa()
+    try:
+        for name in [isa for isa in ("base", "avx2", "avx512") if _C.cpu_supports(isa)]:  # each ISA's streaming
+            _C.set_isa(name)
+            out = cpp.multi_tower_interpolate(feats, sizes, (96, 96))
+            assert out.nbytes > 16 << 20
+            assert_same(out, want)
+    finally:
+        _C.set_isa(default)
+
+
 def test_interpolate_towers_concatenated_in_place():
     """Several towers (token-major, planar, same-size copy, a strided slice) land in one output."""
     a = torch.randn(2, 27 * 27, 19)
@@ -124,6 +147,58 @@ def test_interpolate_backward_vs_float64(dtype):
         assert gc.dtype == dtype
         err, ref_err = (gc.double() - gt).abs().max().item(), (gr.double() - gt).abs().max().item()
         assert err <= 2 * ref_err + (1e-5 if dtype == torch.float32 else 1e-2), (err, ref_err)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_interpolate_backward_chunks_blocks_and_streaming(batch):
+    """The backward's code paths the small shapes above do not reach: rows-first (inputs wider than the output)
+    and columns-first orders, several channel chunks (wide rows), blocks of input rows, a gradient larger than
+    the streaming threshold (16 MB) -- with channel counts that are not multiples of 16, planar and token-major,
+    up- and downsampling.  Against float64 autograd through F.interpolate, and the same bits at 1 and 2 threads
+    (fixed summation order)."""
+    cases = [((5, 700), (7, 600), 301, False),     # rows first (w > W), two channel chunks
+             ((3, 1500), (40, 1600), 37, True),     # columns first, chunks of 16, 16 and 5 channels
+             ((64, 64), (96, 96), 1041 // batch, True),  # columns first, gx > 16 MB: streamed; row blocks
+             ((40, 33), (17, 24), 37, True),        # rows first, downsampling
+             ((33, 24), (17, 40), 37, False)]       # columns first, downsampling rows
+    for src, dst, c, conv in cases:
+        x = torch.randn(batch, src[0] * src[1], c, dtype=torch.float64)
+        g = torch.randn(batch, dst[0] * dst[1], c, dtype=torch.float64)
+
+        def grad(fn, x0):
+            leaf = x0.detach().clone().requires_grad_(True)
+            (fn(planar(leaf, src) if conv else leaf).double() * g).sum().backward()
+            return leaf.grad
+
+        truth = grad(lambda f: f_interpolate_tokens(f, src, dst), x)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = grad(lambda f: cpp.multi_tower_interpolate([f], [src], dst), x.float())
+            torch.set_num_threads(2)
+            two = grad(lambda f: cpp.multi_tower_interpolate([f], [src], dst), x.float())
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two)
+        ref = grad(lambda f: reference.multi_tower_interpolate([f], [src], dst), x.float())
+        err, ref_err = (one.double() - truth).abs().max().item(), (ref.double() - truth).abs().max().item()
+        assert err <= 2 * ref_err + 1e-5, (src, dst, c, err, ref_err)
+
+
+def test_interpolate_autograd_mixed_dtypes_and_partial_grads():
+    """The C++ autograd (ops.cpp InterpolateFunction): each grid's gradient comes back in that grid's dtype,
+    grids that do not require grad get none, and the values match the reference backend's autograd."""
+    a = torch.randn(3, 7 * 5, 19, requires_grad=True)                          # float32, token-major
+    b = torch.randn(3, 4, 9, 9, dtype=torch.bfloat16, requires_grad=True)      # bfloat16 conv map
+    c = torch.randn(3, 6 * 6, 5)                                               # no grad
+    sizes, dst = [(7, 5), (9, 9), (6, 6)], (8, 4)
+    g = torch.randn(3, 32, 28)
+    got = torch.autograd.grad(cpp.multi_tower_interpolate([a, b.flatten(2).transpose(1, 2), c], sizes, dst), [a, b], g)
+    want = torch.autograd.grad(reference.multi_tower_interpolate([a, b.flatten(2).transpose(1, 2), c], sizes, dst),
+                               [a, b], g)
+    assert [t.dtype for t in got] == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2e-2, atol=2e-2)
 
 
 def test_interpolate_gradcheck_float64():

@@ -289,6 +289,66 @@ static inline void axpy_f32(float alpha, const float* __restrict x, float* __res
 }
 #endif
 
+// y = sum over f < m of w[f] * x[f] (rows of n values, f in order, from zero): the same bits as zeroing y and
+// applying axpy(w[f], x[f], y) for f = 0, 1, ..., but each output vector is accumulated in registers and stored
+// once.  The interpolate backward's sums of 2-6 weighted rows were bound by the read-modify-write of y.
+template <class A>
+static inline void wsum_scalar(const A* const* x, const A* w, int64_t m, A* __restrict y, int64_t i, int64_t n) {
+  for (; i < n; ++i) {
+    A s = A(0);
+    for (int64_t f = 0; f < m; ++f) s = fmac(w[f], x[f][i], s);
+    y[i] = s;
+  }
+}
+#if defined(CAMBRIAN_ISA_AVX512)
+static inline void wsum(const float* const* x, const float* w, int64_t m, float* __restrict y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) {
+      const __m512 vw = _mm512_set1_ps(w[f]);
+      s0 = _mm512_fmadd_ps(vw, _mm512_loadu_ps(x[f] + i), s0);
+      s1 = _mm512_fmadd_ps(vw, _mm512_loadu_ps(x[f] + i + 16), s1);
+    }
+    _mm512_storeu_ps(y + i, s0);
+    _mm512_storeu_ps(y + i + 16, s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    __m512 s0 = _mm512_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) s0 = _mm512_fmadd_ps(_mm512_set1_ps(w[f]), _mm512_maskz_loadu_ps(k, x[f] + i), s0);
+    _mm512_mask_storeu_ps(y + i, k, s0);
+  }
+}
+#elif defined(CAMBRIAN_ISA_AVX2)
+static inline void wsum(const float* const* x, const float* w, int64_t m, float* __restrict y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) {
+      const __m256 vw = _mm256_set1_ps(w[f]);
+      s0 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(x[f] + i), s0);
+      s1 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(x[f] + i + 8), s1);
+    }
+    _mm256_storeu_ps(y + i, s0);
+    _mm256_storeu_ps(y + i + 8, s1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    __m256 s0 = _mm256_setzero_ps();
+    for (int64_t f = 0; f < m; ++f) s0 = _mm256_fmadd_ps(_mm256_set1_ps(w[f]), _mm256_loadu_ps(x[f] + i), s0);
+    _mm256_storeu_ps(y + i, s0);
+  }
+  wsum_scalar(x, w, m, y, i, n);
+}
+#else
+static inline void wsum(const float* const* x, const float* w, int64_t m, float* __restrict y, int64_t n) {
+  wsum_scalar(x, w, m, y, 0, n);
+}
+#endif
+static inline void wsum(const double* const* x, const double* w, int64_t m, double* __restrict y, int64_t n) {
+  wsum_scalar(x, w, m, y, 0, n);
+}
+
 static inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) { return dot_f32(a, b, n); }
 static inline double dot(const double* __restrict a, const double* __restrict b, int64_t n) {
   double s = 0.0;
@@ -638,6 +698,55 @@ static inline void lerp_row(const double* __restrict a, const double* __restrict
   for (int64_t j = 0; j < n; ++j) y[j] = madd<F>(a[j], s, b[j] * t);
 }
 
+// lerp_row straight to memory with non-temporal stores (float32 output larger than the last-level cache):
+// each vector goes from the registers to the write-combining buffers.  Blending into a scratch row and then
+// streaming that row costs a store and a load more per vector, and the scratch stores compete with the
+// streaming ones for the store queue; measured ~10-20% faster on the output loop of the enlarging ConvNeXt
+// stages.  Same rounding as lerp_row (elementwise madd<F>(a, s, b * t) in the vector body and the ends).
+template <bool F>
+static inline void lerp_stream(const float* __restrict a, const float* __restrict b, float s, float t,
+                               float* __restrict dst, int64_t n) {
+  int64_t j = 0;
+#if defined(CAMBRIAN_ISA_AVX512)
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63u); ++j) dst[j] = madd<F>(a[j], s, b[j] * t);
+  const __m512 vs = _mm512_set1_ps(s), vt = _mm512_set1_ps(t);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 bt = _mm512_mul_ps(_mm512_loadu_ps(b + j), vt);
+    _mm512_stream_ps(dst + j, F ? _mm512_fmadd_ps(_mm512_loadu_ps(a + j), vs, bt)
+                                : _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(a + j), vs), bt));
+  }
+#elif defined(CAMBRIAN_ISA_AVX2)
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31u); ++j) dst[j] = madd<F>(a[j], s, b[j] * t);
+  const __m256 vs = _mm256_set1_ps(s), vt = _mm256_set1_ps(t);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 bt = _mm256_mul_ps(_mm256_loadu_ps(b + j), vt);
+    _mm256_stream_ps(dst + j, F ? _mm256_fmadd_ps(_mm256_loadu_ps(a + j), vs, bt)
+                                : _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(a + j), vs), bt));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = madd<F>(a[j], s, b[j] * t);
+}
+// lerp_stream where it exists (float32 storage); false: the caller blends through its scratch row.
+template <bool F, class T, class A>
+static inline bool try_lerp_stream(const A*, const A*, A, A, T*, int64_t) { return false; }
+template <bool F>
+static inline bool try_lerp_stream(const float* a, const float* b, float s, float t, float* dst, int64_t n) {
+  lerp_stream<F>(a, b, s, t, dst, n);
+  return true;
+}
+
+// The column taps of one transposed tile (16 channels x w source columns, channel-minor) for all W output
+// columns: dst[ox * stride + k] = trow[i0[ox]][k] * l0[ox] + trow[i1[ox]][k] * l1[ox] (lerp_row's rounding).
+// A function of its own with restrict pointers: inlined into the fill loop, the compiler reloaded the taps
+// and strides from the stack on every output column (the stores might alias them); measured ~12% off the
+// fill of the enlarging ConvNeXt stages.
+template <bool F, class A>
+static inline void hlerp_tile(const A* __restrict trow, const int64_t* __restrict i0, const int64_t* __restrict i1,
+                              const A* __restrict l0, const A* __restrict l1, A* __restrict dst, int64_t stride,
+                              int64_t W) {
+  for (int64_t ox = 0; ox < W; ++ox) lerp_row<F>(trow + i0[ox] * CT, trow + i1[ox] * CT, l0[ox], l1[ox], dst + ox * stride, CT);
+}
+
 // Channel-planar source with ATen's separable NCHW formula (kGeneric, every large target such as the
 // ConvNeXt stages -> 96x96): out = t0*h0 + t1*h1 with t_r = x[r][c0]*w0 + x[r][c1]*w1 on source row r.
 // t_r depends only on the source row and the output column, so per group of GC channels it is computed
@@ -707,13 +816,11 @@ static void interp_forward_planar_separable(const InterpForward& p, const Taps<a
           for (int64_t k = 0; k < ct; ++k) src[k] = as_acc(xb + (c_lo + k) * p.x_sc + r * w, conv.p + k * w, w);
           transpose_rows(src, ct, w, zeros.p, trow.p, pf, npf);
           A* dst = hrow.p + fill_slots[f] * W * GC + (c_lo - g_lo);
-          for (int64_t ox = 0; ox < W; ++ox) {
-            const A* a = trow.p + cols.i0.p[ox] * CT;
-            const A* bb = trow.p + cols.i1.p[ox] * CT;
-            if (ct == CT) {
-              lerp_row<F>(a, bb, cols.l0.p[ox], cols.l1.p[ox], dst + ox * GC, CT);
-            } else {  // last partial tile: the padding lanes must not spill into the next pixel
-              lerp_row<F>(a, bb, cols.l0.p[ox], cols.l1.p[ox], tcol.p, CT);
+          if (ct == CT) {
+            hlerp_tile<F>(trow.p, cols.i0.p, cols.i1.p, cols.l0.p, cols.l1.p, dst, GC, W);
+          } else {  // last partial tile: the padding lanes must not spill into the next pixel
+            for (int64_t ox = 0; ox < W; ++ox) {
+              lerp_row<F>(trow.p + cols.i0.p[ox] * CT, trow.p + cols.i1.p[ox] * CT, cols.l0.p[ox], cols.l1.p[ox], tcol.p, CT);
               for (int64_t k = 0; k < ct; ++k) dst[ox * GC + k] = tcol[k];
             }
           }
@@ -725,6 +832,7 @@ static void interp_forward_planar_separable(const InterpForward& p, const Taps<a
       T* orow = out + b * p.o_sb + oy * W * p.o_st + g_lo;
       for (int64_t ox = 0; ox < W; ++ox) {
         T* dst = orow + ox * p.o_st;
+        if (p.stream && !p.accumulate && try_lerp_stream<F>(hr0 + ox * GC, hr1 + ox * GC, h0, h1, dst, gc)) continue;
         A* y = (p.stream || p.accumulate) ? pix.p : out_buf(dst, pix.p);
         lerp_row<F>(hr0 + ox * GC, hr1 + ox * GC, h0, h1, y, gc);
         if (p.accumulate) add_row(y, dst, gc); else put_row(y, dst, gc, p.stream != 0);
@@ -750,38 +858,136 @@ static void interp_forward(const InterpForward& p) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// multi_tower_interpolate: backward (transposed taps, separable: rows then columns)
+// multi_tower_interpolate: backward (transposed taps, separable: columns then rows)
 // ------------------------------------------------------------------------------------------------
+template <class A>
+static inline int64_t max_list(const TapLists<A>& t, int64_t n_in) {  // the longest tap list (at least 1)
+  int64_t k = 1;
+  for (int64_t i = 0; i < n_in; ++i) k = imax(k, t.start.p[i + 1] - t.start.p[i]);
+  return k;
+}
+
+// Columns first (inputs no wider than the output), so every output row's gradient is read from memory once: cs(oy)[ix][:] = sum over output
+// columns ox reading ix of wx * g[b, oy, ox, :] (the "column sums" of output row oy, w x n values), then
+// gx[b, iy, ix, :] = sum over output rows oy reading input row iy of wy * cs(oy)[ix][:].  An output row is
+// read by two input rows (its two taps), so its column sums stay in a small cache of K slots (K: the longest
+// tap list of an input row) while consecutive input rows of one item use them.  (Rows first, as before,
+// reads each output row twice, and with a gradient row of W x n values far larger than L2 the second read
+// comes from L3 or memory.)  Items are blocks of consecutive input rows of one channel chunk.  The summation
+// order of an input row is fixed (output order of the tap lists), so results do not depend on the threads.
+constexpr int64_t kGradPrefetch = 2;
 template <class T, bool F>
-static void interp_backward_impl(const InterpBackward& p) {
+static void interp_backward_cols_first(const InterpBackward& p) {
+  using A = acc_t<T>;
+  const Taps<A> rows = Taps<A>::template make<F>(p.h, p.H);
+  const Taps<A> cols = Taps<A>::template make<F>(p.w, p.W);
+  const TapLists<A> rl(rows, p.h, p.H), cl(cols, p.w, p.W);
+  const int64_t C = p.C, W = p.W, w = p.w, h = p.h;
+  const int64_t K = max_list(rl, h), Kc = max_list(cl, w);
+  // channel chunk: 2 MB of column sums.  More than L2 (1-2 MB per core), measured faster on the ConvNeXt
+  // stages than chunks that fit it: a longer chunk is a longer contiguous run of each gradient pixel, and
+  // those reads, not the cache traffic of the sums, bound this kernel
+  const int64_t n_l2 = imax(16, (524288 / (K * w)) / 16 * 16);
+  const int64_t nch = (C + n_l2 - 1) / n_l2, CC = ((C + nch - 1) / nch + 15) / 16 * 16;
+  // blocks of input rows: a few items per thread (dynamic scheduling evens out a busy core); each block
+  // boundary costs the column sums of the output rows shared with the neighbour block once more
+  const int64_t want = 4 * static_cast<int64_t>(p.nthreads), per = p.B * nch;
+  const int64_t nblk = imin(h, imax(1, (want + per - 1) / per)), RB = (h + nblk - 1) / nblk;
+  const T* g = static_cast<const T*>(p.g);
+  T* gx = static_cast<T*>(p.gx);
+#pragma omp parallel num_threads(p.nthreads)
+  {
+    Scratch<A> cs(K * w * CC), gb(Kc * CC), acc(CC);
+    Scratch<int64_t> tag(K);
+    Scratch<const A*> use(K), xs(imax(K, Kc));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < per * nblk; ++item) {
+      const int64_t b = item / (nch * nblk), ch = (item / nblk) % nch, blk = item % nblk;
+      const int64_t c_lo = ch * CC, n = imin(CC, C - c_lo);
+      if (n <= 0) continue;
+      for (int64_t k = 0; k < K; ++k) tag[k] = -1;
+      for (int64_t iy = blk * RB; iy < imin(h, (blk + 1) * RB); ++iy) {
+        const int64_t e0 = rl.start.p[iy], ne = rl.start.p[iy + 1] - e0;
+        for (int64_t e = 0; e < ne; ++e) {  // the column sums of every output row reading iy
+          const int64_t oy = rl.out.p[e0 + e];
+          int64_t slot = -1;
+          for (int64_t k = 0; k < K && slot < 0; ++k) slot = tag[k] == oy ? k : -1;
+          if (slot < 0) {  // evict the lowest output row not in this list (rows only move forward)
+            for (int64_t k = 0; k < K; ++k) {
+              bool pinned = false;
+              for (int64_t f = 0; f < ne && !pinned; ++f) pinned = tag[k] == rl.out.p[e0 + f];
+              if (!pinned && (slot < 0 || tag[k] < tag[slot])) slot = k;
+            }
+            A* dst = cs.p + slot * w * CC;
+            const T* grow = g + b * p.g_sb + oy * W * p.g_st + c_lo;
+            int64_t pf_next = 0;  // output pixels below this one are prefetched
+            for (int64_t ix = 0; ix < w; ++ix) {
+              // each pixel's run is its own page for the large chunks here: no hardware stream to follow, so
+              // runs are prefetched kGradPrefetch pixels ahead of the last one this input column reads
+              const int64_t last = cl.start.p[ix + 1] > cl.start.p[ix] ? cl.out.p[cl.start.p[ix + 1] - 1] : 0;
+              for (; pf_next < imin(W, last + 1 + kGradPrefetch); ++pf_next)
+                prefetch_row(grow + pf_next * p.g_st, n * static_cast<int64_t>(sizeof(T)));
+              const int64_t f0 = cl.start.p[ix], nf = cl.start.p[ix + 1] - f0;
+              for (int64_t f = 0; f < nf; ++f) xs[f] = as_acc(grow + cl.out.p[f0 + f] * p.g_st, gb.p + f * CC, n);
+              wsum(xs.p, cl.wt.p + f0, nf, dst + ix * CC, n);
+            }
+            tag[slot] = oy;
+          }
+          use[e] = cs.p + slot * w * CC;
+        }
+        for (int64_t ix = 0; ix < w; ++ix) {
+          T* dst = gx + ((b * h + iy) * w + ix) * C + c_lo;
+          A* y = p.stream ? acc.p : out_buf(dst, acc.p);
+          for (int64_t e = 0; e < ne; ++e) xs[e] = use[e] + ix * CC;
+          wsum(xs.p, rl.wt.p + e0, ne, y, n);
+          put_row(y, dst, n, p.stream != 0);
+        }
+      }
+    }
+    stream_fence();
+  }
+}
+
+// Rows first (the transposed taps of the rows, then of the columns), for inputs wider than the output
+// (w > W, a downsampling forward): here the column sums of cols-first would be larger than the gradient row
+// they come from (w x n against W x n), while the rows-first intermediate tmp (W x n) stays in L2, and an
+// output row read by two consecutive input rows is still in L2 the second time (measured: cols-first was ~30%
+// slower on the 256 -> 96 ConvNeXt stage, the same on 128 -> 96; prefetching the gradient runs did not help
+// here; with 32 -> 96 and 64 -> 96 cols-first is the faster order).  Items: (b, input row, chunk).
+template <class T, bool F>
+static void interp_backward_rows_first(const InterpBackward& p) {
   using A = acc_t<T>;
   const Taps<A> rows = Taps<A>::template make<F>(p.h, p.H);
   const Taps<A> cols = Taps<A>::template make<F>(p.w, p.W);
   const TapLists<A> rl(rows, p.h, p.H), cl(cols, p.w, p.W);
   // channel chunk: the row buffer tmp (W x CC) stays in L2
   const int64_t C = p.C, W = p.W, CC = imin(C, imax(256, (131072 / W) / 16 * 16)), nch = (C + CC - 1) / CC;
+  const int64_t K = max_list(rl, p.h), Kc = max_list(cl, p.w);
   const T* g = static_cast<const T*>(p.g);
   T* gx = static_cast<T*>(p.gx);
 #pragma omp parallel num_threads(p.nthreads)
   {
-    Scratch<A> tmp(W * CC), gb(CC), acc(CC);
+    Scratch<A> tmp(W * CC), gb(K * CC), acc(CC);
+    Scratch<const A*> xs(imax(K, Kc));
 #pragma omp for schedule(dynamic, 4)
     for (int64_t item = 0; item < p.B * p.h * nch; ++item) {
       const int64_t b = item / (p.h * nch), rem = item % (p.h * nch);
       const int64_t iy = rem / nch, c_lo = (rem % nch) * CC, n = imin(CC, C - c_lo);
       // tmp[ox][:] = sum over output rows oy reading input row iy of  wy * g[b, oy, ox, :]
-      for (int64_t j = 0; j < W * n; ++j) tmp[j] = A(0);
-      for (int64_t e = rl.start.p[iy]; e < rl.start.p[iy + 1]; ++e) {
-        const A wy = rl.wt.p[e];
-        const T* grow = g + b * p.g_sb + rl.out.p[e] * W * p.g_st + c_lo;
-        for (int64_t ox = 0; ox < W; ++ox) axpy(wy, as_acc(grow + ox * p.g_st, gb.p, n), tmp.p + ox * n, n);
+      const int64_t e0 = rl.start.p[iy], ne = rl.start.p[iy + 1] - e0;
+      const T* gb0 = g + b * p.g_sb + c_lo;
+      for (int64_t ox = 0; ox < W; ++ox) {
+        for (int64_t e = 0; e < ne; ++e)
+          xs[e] = as_acc(gb0 + (rl.out.p[e0 + e] * W + ox) * p.g_st, gb.p + e * CC, n);
+        wsum(xs.p, rl.wt.p + e0, ne, tmp.p + ox * n, n);
       }
       // gx[b, iy, ix, :] = sum over output columns ox reading ix of  wx * tmp[ox][:]
       for (int64_t ix = 0; ix < p.w; ++ix) {
         T* dst = gx + ((b * p.h + iy) * p.w + ix) * C + c_lo;
         A* y = p.stream ? acc.p : out_buf(dst, acc.p);
-        for (int64_t j = 0; j < n; ++j) y[j] = A(0);
-        for (int64_t e = cl.start.p[ix]; e < cl.start.p[ix + 1]; ++e) axpy(cl.wt.p[e], tmp.p + cl.out.p[e] * n, y, n);
+        const int64_t f0 = cl.start.p[ix], nf = cl.start.p[ix + 1] - f0;
+        for (int64_t f = 0; f < nf; ++f) xs[f] = tmp.p + cl.out.p[f0 + f] * n;
+        wsum(xs.p, cl.wt.p + f0, nf, y, n);
         put_row(y, dst, n, p.stream != 0);
       }
     }
@@ -791,7 +997,11 @@ static void interp_backward_impl(const InterpBackward& p) {
 
 template <class T>
 static void interp_backward(const InterpBackward& p) {
-  if (p.fused) interp_backward_impl<T, true>(p); else interp_backward_impl<T, false>(p);
+  if (p.w > p.W) {
+    if (p.fused) interp_backward_rows_first<T, true>(p); else interp_backward_rows_first<T, false>(p);
+    return;
+  }
+  if (p.fused) interp_backward_cols_first<T, true>(p); else interp_backward_cols_first<T, false>(p);
 }
 
 // ------------------------------------------------------------------------------------------------

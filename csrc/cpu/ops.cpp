@@ -1,7 +1,8 @@
 // torch bindings of the CPU kernels: the `cambrian::` op schemas, their CPU implementations, and a
 // small Python module (`cambrian.kernels._C`) to inspect / pick the instruction-set variant.
 //
-// Ops (autograd and fake/meta implementations are registered from Python, kernels/cpp.py):
+// Ops (fake/meta implementations and most autograd formulas are registered from Python, kernels/cpp.py;
+// multi_tower_interpolate's autograd is here, InterpolateFunction):
 //   multi_tower_interpolate(Tensor[] features, int[] src_sizes, int[] dst_size) -> Tensor
 //   multi_tower_interpolate_backward(Tensor grad_out, int[] src_sizes, int[] dst_size, int[] channels) -> Tensor[]
 //   multi_tower_interpolate_accumulate_(Tensor(a!) out, Tensor[] features, int[] src_sizes, int[] dst_size) -> ()
@@ -496,6 +497,62 @@ void window_pos_layer_norm_out_cpu(const at::Tensor& out, const at::Tensor& grid
 }  // namespace
 }  // namespace cambrian::cpu
 
+namespace cambrian::cpu {
+namespace {
+
+// Autograd of multi_tower_interpolate in C++ (at the Autograd dispatch key) rather than through
+// torch.library.register_autograd: a Python autograd kernel runs on every call, grad or not, and with the
+// interpreter's code and objects out of cache (a large op in between) that costs ~0.1-0.3 ms per call,
+// more than the whole SigLIP resize moves.  Same formula: the backward op per grid, cast to the grid's dtype.
+class InterpolateFunction : public torch::autograd::Function<InterpolateFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList features, at::IntArrayRef src_sizes,
+                            at::IntArrayRef dst_size) {
+    std::vector<int64_t> channels, dtypes;
+    for (const at::Tensor& f : features) {
+      channels.push_back(f.size(-1));
+      dtypes.push_back(static_cast<int64_t>(f.scalar_type()));
+    }
+    ctx->saved_data["src_sizes"] = src_sizes.vec();
+    ctx->saved_data["dst_size"] = dst_size.vec();
+    ctx->saved_data["channels"] = channels;
+    ctx->saved_data["dtypes"] = dtypes;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("cambrian::multi_tower_interpolate", "")
+                               .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::IntArrayRef)>();
+    return op.call(features, src_sizes, dst_size);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("cambrian::multi_tower_interpolate_backward", "")
+                               .typed<std::vector<at::Tensor>(const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                                              at::IntArrayRef)>();
+    const std::vector<int64_t> src = ctx->saved_data["src_sizes"].toIntVector();
+    const std::vector<int64_t> dst = ctx->saved_data["dst_size"].toIntVector();
+    const std::vector<int64_t> channels = ctx->saved_data["channels"].toIntVector();
+    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
+    std::vector<at::Tensor> grads = op.call(grad_outputs[0], src, dst, channels);
+    torch::autograd::variable_list out;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const auto dt = static_cast<at::ScalarType>(dtypes[i]);
+      out.push_back(grads[i].scalar_type() == dt ? grads[i] : grads[i].to(dt));
+    }
+    out.emplace_back();  // src_sizes
+    out.emplace_back();  // dst_size
+    return out;
+  }
+};
+
+at::Tensor multi_tower_interpolate_autograd(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
+  return InterpolateFunction::apply(features, src_sizes, dst_size);
+}
+
+}  // namespace
+}  // namespace cambrian::cpu
+
 TORCH_LIBRARY(cambrian, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   m.def("multi_tower_interpolate(Tensor[] features, int[] src_sizes, int[] dst_size) -> Tensor", tags);
@@ -519,6 +576,10 @@ TORCH_LIBRARY_IMPL(cambrian, CPU, m) {
   m.impl("window_pos_layer_norm_out_", &cambrian::cpu::window_pos_layer_norm_out_cpu);
   m.impl("sva_window_attention", &cambrian::cpu::sva_window_attention_cpu);
   m.impl("sva_window_attention_backward", &cambrian::cpu::sva_window_attention_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(cambrian, Autograd, m) {
+  m.impl("multi_tower_interpolate", &cambrian::cpu::multi_tower_interpolate_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
