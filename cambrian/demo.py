@@ -261,18 +261,35 @@ def draw_example_image(path: str, seed: int = 0) -> tuple[str, str]:
     return sample.question, sample.answer
 
 
-def idle_cores() -> int:
-    """CPU cores not taken by other work (cores minus the 1-minute load average, at least 1).
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat (Linux), or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def idle_cores(sample_seconds: float = 0.5) -> int:
+    """CPU cores not taken by other work right now (measured over `sample_seconds` from /proc/stat; all cores
+    where that is not available), at least 1.
 
     Why: a tiny model's steps are many small parallel regions; with 2 OpenMP threads and another process busy
     on one of 2 cores, every region waits for a time slice and a step took 4 s instead of 0.1 s (measured).
-    One thread per idle core avoids that."""
+    One thread per idle core avoids that.  (The load average lags by a minute, so it is not used.)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, cores - int(busy + 0.5)))
+    before = _cpu_times()
+    if before is None:
+        return cores
+    time.sleep(sample_seconds)
+    after = _cpu_times()
+    idle, total = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return cores
+    all_cpus = os.cpu_count() or cores  # /proc/stat counts every CPU, not only this process's
+    free = idle / total * all_cpus
+    return max(1, min(cores, int(free + 0.3)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
