@@ -10,12 +10,23 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${XLA_VENV:-.venv-xla}
 STAMP="$VENV/.installed"
+# The torch 2.9 download is multi-GB; an interrupted transfer (seen in CI: 240 of 287 MB, six resumes failed) should
+# not fail the job: pip resumes partial downloads, and a failed install is retried (finished wheels are cached).
+pip_install() {
+    local attempt
+    for attempt in 1 2 3; do
+        "$VENV/bin/python" -m pip install --quiet --retries 10 --resume-retries 20 "$@" && return 0
+        echo "test_xla.sh: pip install failed (attempt $attempt of 3), retrying" >&2
+        sleep 10
+    done
+    return 1
+}
 if [ ! -f "$STAMP" ] || [ requirements.txt -nt "$STAMP" ]; then
     test -x "$VENV/bin/python" || $PYTHON -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip "setuptools==84.2.1"  # bdist_wheel for the editable install
-    "$VENV/bin/python" -m pip install --quiet "torch==2.9.*" "torch_xla==2.9.*"
+    pip_install "torch==2.9.*" "torch_xla==2.9.*"
     grep -v -E '^(torch|triton|deepspeed)==' requirements.txt > "$VENV/requirements-xla.txt"
-    "$VENV/bin/python" -m pip install --quiet -r "$VENV/requirements-xla.txt"
+    pip_install -r "$VENV/requirements-xla.txt"
     CAMBRIAN_SKIP_NATIVE=1 "$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
     touch "$STAMP"
 fi
