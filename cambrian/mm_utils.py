@@ -12,11 +12,22 @@ from cambrian.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_IN
 from cambrian.conversation import Conversation, get_template
 
 __all__ = [
+    "place_images",
     "tokenizer_image_token",
     "build_training_example",
     "normalize_messages",
     "TokenizationMismatchError",
 ]
+
+
+def place_images(question: str, num_images: int, after_question: bool = False) -> str:
+    """Add `num_images` `<image>` placeholders to a question that has none: "<image>\n" before it (LLaVA's layout)
+    or, with `after_question` (models trained that way: `config.image_after_question`), "\n<image>" after it."""
+    if not num_images or DEFAULT_IMAGE_TOKEN in question:
+        return question
+    if after_question:
+        return question + ("\n" + DEFAULT_IMAGE_TOKEN) * num_images
+    return (DEFAULT_IMAGE_TOKEN + "\n") * num_images + question
 
 
 class TokenizationMismatchError(ValueError):

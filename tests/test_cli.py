@@ -117,7 +117,8 @@ def test_batch_inference_records_bad_lines_and_resumes(checkpoint, capsys):
 def test_image_placement_follows_the_checkpoint(checkpoint, capsys):
     """A model trained with the image after the question (config.image_after_question) is prompted that way by
     `generate` and the CLI; an explicit <image> in the question is kept where it is."""
-    from cambrian.model.generation import build_prompt, place_images
+    from cambrian.mm_utils import place_images
+    from cambrian.model.generation import build_prompt
 
     assert place_images("What is it?", 1) == "<image>\nWhat is it?"
     assert place_images("What is it?", 2, after_question=True) == "What is it?\n<image>\n<image>"

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from cambrian.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from cambrian.conversation import Conversation
-from cambrian.mm_utils import build_training_example
+from cambrian.mm_utils import build_training_example, place_images
 from cambrian.model.image_processing import (
     ASPECT_RATIOS,
     ImageLoadError,
@@ -536,7 +536,7 @@ class LazySupervisedDataset(Dataset):
         if images and n_placeholders == 0:
             # LLaVA: an image sample without a placeholder gets "<image>\n" in front of the first human turn.
             k = next(i for i, (role, _) in enumerate(messages) if role == "human")
-            messages[k] = ("human", (DEFAULT_IMAGE_TOKEN + "\n") * len(images) + messages[k][1])
+            messages[k] = ("human", place_images(messages[k][1], len(images)))
         elif n_placeholders != len(images):
             raise _Skip("image_placeholder_mismatch", f"{n_placeholders} <image> placeholder(s), {len(images)} image(s)")
         if self._plain:

@@ -159,7 +159,9 @@ class SyntheticSample:
         one can tell whether it holds the object asked about; a small model learns the look-ups far faster
         that way (measured with ideal visual features: color/shape/size 100% after 750 steps, against
         55-65% with the image first)."""
-        human = self.question + "\n<image>" if question_first else "<image>\n" + self.question
+        from cambrian.mm_utils import place_images
+
+        human = place_images(self.question, 1, after_question=question_first)
         return {
             "id": self.id,
             "image": self.image if image is None else image,

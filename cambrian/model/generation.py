@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..constants import DEFAULT_IMAGE_TOKEN
-
 if TYPE_CHECKING:
     from .modeling import CambrianForCausalLM
 
@@ -45,20 +43,11 @@ class CallbackStreamer:
             self.emitted = text
 
 
-def place_images(question: str, num_images: int, after_question: bool = False) -> str:
-    """Add `num_images` `<image>` placeholders to a question that has none: "<image>\n" before it (LLaVA's layout)
-    or, with `after_question` (models trained that way: `config.image_after_question`), "\n<image>" after it."""
-    if not num_images or DEFAULT_IMAGE_TOKEN in question:
-        return question
-    if after_question:
-        return question + ("\n" + DEFAULT_IMAGE_TOKEN) * num_images
-    return (DEFAULT_IMAGE_TOKEN + "\n") * num_images + question
-
-
 def build_prompt(template_name: str, question: str, num_images: int, image_after_question: bool = False) -> str:
     """One user turn (with `<image>` placeholders, see `place_images`) and an open assistant turn in the template's
     format."""
     from ..conversation import get_template
+    from ..mm_utils import place_images
 
     conv = get_template(template_name)
     question = place_images(question, num_images, image_after_question)
@@ -105,7 +94,7 @@ def generate_text(model: "CambrianForCausalLM", images: Sequence[Any] | None, pr
         raise ValueError("no prompts given")
     template_name = template or model.template_name or "vicuna_v1"
     per_prompt = _images_per_prompt(images, len(prompts))
-    after = bool(getattr(model.config, "image_after_question", False))
+    after = model.config.image_after_question
     texts = [build_prompt(template_name, q, len(ims), after) for q, ims in zip(prompts, per_prompt)]
     return generate_from_prompts(model, texts, per_prompt, template=template_name, **kwargs)
 

@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from cambrian.conversation import get_template
-    from cambrian.model.generation import generate_from_prompts, place_images
+    from cambrian.mm_utils import place_images
+    from cambrian.model.generation import generate_from_prompts
 
     conv = get_template(model.template_name or "vicuna_v1")
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
