@@ -383,7 +383,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, training_a
     _check_quantization(training_args.bits)
     quant = _quantization_config(training_args) if training_args.bits in (4, 8) else None
 
-    if is_cambrian_checkpoint(path):
+    from_checkpoint = is_cambrian_checkpoint(path)  # reads config.json
+    if from_checkpoint:
         if quant is not None:
             raise ValueError("QLoRA (--bits 4/8) starts from a base LLM folder, not from a Cambrian checkpoint")
         loaded = load_pretrained_model(path, tower_paths=model_args.tower_path_map, dtype=torch.float32,
@@ -421,9 +422,9 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, training_a
     if model_args.pretrain_mm_mlp_adapter:
         keys = load_connector_weights(model, model_args.pretrain_mm_mlp_adapter)
         logger.info("loaded %d connector tensors from %s", len(keys), model_args.pretrain_mm_mlp_adapter)
-    elif stage == 2 and not is_cambrian_checkpoint(path):
+    elif stage == 2 and not from_checkpoint:
         logger.warning("stage 2 without --pretrain_mm_mlp_adapter: the connector starts from random weights")
-    if not is_cambrian_checkpoint(path) and not model_args.pretrain_mm_mlp_adapter:
+    if not from_checkpoint and not model_args.pretrain_mm_mlp_adapter:
         init_connector(model, model_args.mm_connector_init)
 
     if quant is not None:
