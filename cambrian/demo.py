@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +65,6 @@ class DemoRecipe:
     connector_lr: float = 5e-5
     llm_lr: float = 1e-3
     warmup_ratio: float = 0.05
-    extra_train_args: list[str] = field(default_factory=list)
 
     def data_config(self):
         """The synthetic data's `SyntheticConfig` (default geometry, this recipe's question types)."""
@@ -155,8 +154,7 @@ def build_parts(out_dir: str, recipe: DemoRecipe) -> dict[str, Any]:
         intermediate_size=2 * recipe.tower_hidden, num_hidden_layers=recipe.tower_layers, num_attention_heads=4),
         name=TOWER_NAME)
     tower.save_pretrained(tower_dir)
-    return {"llm": llm_dir, "tower_paths": {TOWER_NAME: tower_dir},
-            "parameters": sum(p.numel() for p in llm.parameters()) + sum(p.numel() for p in tower.parameters())}
+    return {"llm": llm_dir, "tower_paths": {TOWER_NAME: tower_dir}}
 
 
 # ------------------------------------------------------------------------------------------------ 3-4: training
@@ -178,7 +176,7 @@ def stage_argv(stage: int, parts: dict[str, Any], data: dict[str, str], out: str
         argv += ["--learning_rate", str(recipe.llm_lr), *connector_lrs]
         if stage1_dir:
             argv += ["--pretrain_mm_mlp_adapter", stage1_dir]
-    return argv + list(recipe.extra_train_args)
+    return argv
 
 
 def run_stage(argv: list[str]) -> None:
@@ -308,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="after --retrain, also copy the trained model to DIR (`make demo-model` replaces the "
                              "committed checkpoint this way)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: $OMP_NUM_THREADS if set, else the idle cores)")
+                        help="torch threads (default: $OMP_NUM_THREADS if set, else the idle cores when training)")
     parser.add_argument("--query", default=None, help="question about the example image (default: one that fits it)")
     args = parser.parse_args(argv)
     recipe = DemoRecipe(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, n_train=args.train_samples,
@@ -316,13 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     import torch
 
-    threads = args.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit()
-                               else idle_cores())
-    torch.set_num_threads(threads)
-
     os.makedirs(args.output_dir, exist_ok=True)
     model_dir = args.checkpoint
     trained = args.retrain or not os.path.isfile(os.path.join(model_dir, "config.json"))
+    threads = args.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit()
+                               else idle_cores() if trained else None)  # scoring alone takes a second: no sampling
+    if threads:
+        torch.set_num_threads(threads)
     if trained:
         if not args.retrain:
             print(f"no trained demo model at {model_dir}: training one (about 5 minutes on 2 cores)", flush=True)
