@@ -30,6 +30,10 @@ Numerics (see csrc/cpu/kernels_impl.h):
 * attention accumulates in float32 (float64 for float64 inputs), never materialises windows or masks,
   and saves only the logsumexp (B, h, w, heads) for the backward.
 
+``_C.kernel_time_ns()`` is the wall time spent inside the kernel bodies since the extension loaded (a clock
+read around every kernel launch); benchmarks/bench_kernels.py uses it to tell the kernels from the fixed cost
+of reaching them.
+
 Runtime knobs (environment): ``CAMBRIAN_CPU_ISA=base|avx2|avx512`` caps the instruction-set variant
 (default: the best the CPU has; ``_C.set_isa`` switches at run time).  ``CAMBRIAN_CPU_HUGEPAGES=1`` / ``0``
 makes outputs of 32 MB and more ask / not ask for transparent huge pages (first-touch page faults cost

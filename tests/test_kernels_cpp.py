@@ -632,6 +632,32 @@ def test_isa_variants_agree():
         torch.testing.assert_close(attn, results[0][1], rtol=1e-6, atol=1e-6)
 
 
+def test_kernel_time_counter_covers_every_kernel():
+    """_C.kernel_time_ns (what bench_kernels.py reports as kernel time) advances on every op's kernel launch,
+    and not on a call that launches none (the same-grid copy path of the resize)."""
+    from cambrian.kernels import _C
+    x = torch.randn(1, 9 * 9, 40, requires_grad=True)
+    grid = torch.randn(1, 4, 4, 24)
+    q, keys, values, kw = make_case(1, 2, (4, 8), 4, 8, validity="rects")
+    for t in (q, *keys, *values):
+        t.requires_grad_(True)
+    calls = {
+        "interpolate": lambda: cpp.multi_tower_interpolate([x], [(9, 9)], (7, 5)),
+        "interpolate backward": lambda: torch.autograd.grad(cpp.multi_tower_interpolate([x], [(9, 9)], (7, 5)).sum(), x),
+        "pos layer norm": lambda: cpp.window_pos_layer_norm(grid, torch.randn(4, 24), 2, 1e-6),
+        "attention": lambda: cpp.sva_window_attention(q, keys, values, num_heads=4, grid_side=2, **kw),
+        "attention backward": lambda: torch.autograd.grad(
+            cpp.sva_window_attention(q, keys, values, num_heads=4, grid_side=2, **kw).sum(), [q, *keys, *values]),
+    }
+    for name, call in calls.items():
+        before = _C.kernel_time_ns()
+        call()
+        assert _C.kernel_time_ns() > before, name
+    before = _C.kernel_time_ns()
+    same = cpp.multi_tower_interpolate([x.detach()], [(9, 9)], (9, 9))  # already on the grid: a copy, no kernel
+    assert _C.kernel_time_ns() == before and torch.equal(same, x.detach())
+
+
 def test_benchmark_quick_writes_json(tmp_path):
     out = tmp_path / "kernels.json"
     # one thread: small shapes, and robust against a busy machine (never asserts on time)
@@ -642,8 +668,9 @@ def test_benchmark_quick_writes_json(tmp_path):
     assert data["copy_bandwidth_gbps"] > 0 and data["rows"]
     for row in data["rows"]:
         for key in ("cpp_ms", "reference_ms", "speedup", "floor_ms", "cpp_over_floor", "bytes_moved",
-                    "cpp_peak_mb", "reference_peak_mb"):
+                    "cpp_peak_mb", "reference_peak_mb", "cpp_kernel_ms", "kernel_over_floor", "fixed_overhead_ms"):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["cpp_kernel_ms"] <= row["cpp_ms"]  # the kernel bodies are part of the call
     chart = out.with_suffix(".png")  # written beside the JSON by default
     if importlib.util.find_spec("matplotlib") is None:  # pinned in requirements.txt, so normally present
         assert "matplotlib is not installed" in proc.stdout and not chart.exists()

@@ -1,5 +1,6 @@
 // torch bindings of the CPU kernels: the `cambrian::` op schemas, their CPU implementations, and a
-// small Python module (`cambrian.kernels._C`) to inspect / pick the instruction-set variant.
+// small Python module (`cambrian.kernels._C`) to inspect / pick the instruction-set variant and read the
+// time spent inside the kernels (kernel_time_ns).
 //
 // Ops (fake/meta implementations and most autograd formulas are registered from Python, kernels/cpp.py;
 // multi_tower_interpolate's autograd is here, InterpolateFunction):
@@ -21,6 +22,9 @@
 #include <ATen/Version.h>
 
 #include <sys/mman.h>
+
+#include <atomic>
+#include <chrono>
 
 #include <cstdint>
 #include <cstdio>
@@ -69,6 +73,20 @@ const KernelTable*& active_table() {
     return table_base();
   }();
   return table;
+}
+
+// Wall time spent inside the kernel bodies (all ops, all calls), for benchmarks: separates what the kernels
+// cost from the fixed cost of reaching them (Python, the dispatcher, autograd).  Two clock reads per call.
+std::atomic<int64_t>& kernel_ns() {
+  static std::atomic<int64_t> ns{0};
+  return ns;
+}
+template <class P>
+void run_kernel(void (*fn)(const P&), const P& p) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn(p);
+  const auto dt = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
+  kernel_ns().fetch_add(static_cast<int64_t>(dt.count()), std::memory_order_relaxed);
 }
 
 // Outputs larger than this are written with non-temporal stores (they cannot stay in the last-level
@@ -222,7 +240,7 @@ void interpolate_into(const at::Tensor& out, at::TensorList features, at::IntArr
     p.accumulate = accumulate && target.is_same(dst);
     p.stream = !p.accumulate && out.nbytes() > kStreamBytes;
     p.nthreads = threads_for(static_cast<int64_t>(x.nbytes() + (p.accumulate ? 2 : 1) * target.nbytes()));
-    table->interp_forward[dtype_index(x.scalar_type(), "multi_tower_interpolate")](p);
+    run_kernel(table->interp_forward[dtype_index(x.scalar_type(), "multi_tower_interpolate")], p);
     if (!target.is_same(dst)) {
       if (accumulate) dst.add_(target); else dst.copy_(target);
     }
@@ -287,7 +305,7 @@ std::vector<at::Tensor> multi_tower_interpolate_backward_cpu(const at::Tensor& g
       p.fused = math.fused;
       p.stream = gx.nbytes() > kStreamBytes;
       p.nthreads = threads_for(static_cast<int64_t>(2 * gx.nbytes()));
-      active_table()->interp_backward[dt](p);
+      run_kernel(active_table()->interp_backward[dt], p);
     }
     grads.push_back(gx);
   }
@@ -395,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor> sva_window_attention_cpu(
   if (out.numel() > 0) {
     pr.p.out = out.data_ptr();
     pr.p.lse = lse.data_ptr();
-    active_table()->attn_forward[pr.dt](pr.p);
+    run_kernel(active_table()->attn_forward[pr.dt], pr.p);
   }
   return {out, lse};
 }
@@ -435,7 +453,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> sva_win
     pr.p.gq = gq.data_ptr();
     pr.p.gk = gkp.data();
     pr.p.gv = gvp.data();
-    active_table()->attn_backward[pr.dt](pr.p);
+    run_kernel(active_table()->attn_backward[pr.dt], pr.p);
   }
   return {gq, gk, gv};
 }
@@ -475,7 +493,7 @@ void run_pos_layer_norm(const at::Tensor& out, const at::Tensor& grid, const std
   p.B = x.size(0); p.n = x.size(1); p.r = window_side; p.C = x.size(3);
   p.eps = eps;
   p.nthreads = threads_for(static_cast<int64_t>(2 * out.nbytes()));
-  active_table()->pos_layer_norm[dtype_index(x.scalar_type(), "window_pos_layer_norm")](p);
+  run_kernel(active_table()->pos_layer_norm[dtype_index(x.scalar_type(), "window_pos_layer_norm")], p);
 }
 
 at::Tensor window_pos_layer_norm_cpu(const at::Tensor& grid, const std::optional<at::Tensor>& pos, int64_t window_side,
@@ -590,6 +608,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this CPU can run the given variant");
   m.def("hugepages", [] { return cambrian::cpu::hugepages_enabled(); },
         "whether outputs of >= 32 MB ask for transparent huge pages (see CAMBRIAN_CPU_HUGEPAGES)");
+  m.def("kernel_time_ns", [] { return cambrian::cpu::kernel_ns().load(); },
+        "nanoseconds spent inside the kernel bodies since load (all ops and threads' calls; for benchmarks)");
   m.def("set_isa", [](const std::string& isa) {
           TORCH_CHECK(cambrian::cpu::cpu_has(isa), "ISA variant ", isa, " is not supported on this CPU");
           const std::string previous = cambrian::cpu::active_table()->name;
