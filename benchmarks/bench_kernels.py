@@ -28,9 +28,12 @@ Each in ``fwd`` and ``fwd+bwd`` mode.  Reported per row:
   here, whatever the op moves.  The JSON's ``fixed_overhead_ms`` measures it: the same protocol on a
   3x3 -> 2x2 resize of 16 channels (fwd) and on ``autograd.grad`` of that resize (fwd+bwd);
 * the memory-bandwidth floor: the bytes the kernel must read and write (inputs actually touched, in whole
-  cache lines; outputs, gradients; never intermediates) divided by the copy bandwidth measured in the same process
-  (``torch`` copy of a 256 MB tensor, counted as read + write); ``cpp_over_floor`` uses the warm call time,
-  ``kernel_over_floor`` the warm kernel time;
+  cache lines; outputs, gradients; never intermediates) divided by the copy bandwidth (``torch`` copy of a
+  256 MB tensor, counted as read + write) measured beside the row's own repetitions, one copy per repetition,
+  median -- the host's bandwidth drifts with other tenants (one process measured 76 GB/s at start-up where
+  the rest of the run saw 42), so a single figure for the whole run would skew some rows; per row
+  ``copy_bandwidth_gbps[_warm]``.  ``cpp_over_floor`` uses the warm call time, ``kernel_over_floor`` the
+  warm kernel time;
 * peak memory: the growth of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs`` before each call) over the resident set before the call, in a process with a
   fixed 16 KB mmap threshold so freed tensors really return to the OS.  It includes the op's outputs
@@ -206,17 +209,25 @@ def build(spec: dict, dtype):
 # ---------------------------------------------------------------------------------------------------
 # worker processes
 # ---------------------------------------------------------------------------------------------------
-def copy_bandwidth(torch) -> float:
-    """GB/s of a large tensor copy (read + write), median of 5."""
-    src = torch.randn(64 << 20)  # 256 MB
+def make_copy(torch):
+    """-> copy(): seconds of one copy of a 256 MB tensor (its bytes x 2 read + written = COPY_BYTES)."""
+    src = torch.randn(COPY_BYTES // 8)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(5):
+
+    def copy() -> float:
         t0 = time.perf_counter()
         dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
+        return time.perf_counter() - t0
+    return copy
+
+
+COPY_BYTES = 512 << 20  # read + written by one make_copy() call
+
+
+def copy_bandwidth(copy) -> float:
+    """GB/s of a large tensor copy (read + write), median of 5."""
+    return COPY_BYTES / statistics.median(copy() for _ in range(5)) / 1e9
 
 
 def worker_time(spec_list: list[dict], dtype_name: str, budget: float, max_reps: int) -> dict:
@@ -225,7 +236,8 @@ def worker_time(spec_list: list[dict], dtype_name: str, budget: float, max_reps:
 
     dtype = getattr(torch, dtype_name)
     flush = make_flush(torch)
-    bw = copy_bandwidth(torch)
+    copy = make_copy(torch)
+    bw = copy_bandwidth(copy)
     rows = []
     for spec in spec_list:
         run, moved = build(spec, dtype)
@@ -233,9 +245,11 @@ def worker_time(spec_list: list[dict], dtype_name: str, budget: float, max_reps:
             run(mod)
         times = {"cpp": [], "reference": []}
         cpu = {"cpp": [], "reference": []}
-        kernel = []
+        kernel, copies = [], []
         start = time.perf_counter()
         while True:
+            # the host's memory bandwidth drifts (other tenants): measure it beside every repetition
+            copies.append(copy())
             for name, mod in (("cpp", cpp), ("reference", reference)):
                 gc.collect()
                 flush()
@@ -253,6 +267,7 @@ def worker_time(spec_list: list[dict], dtype_name: str, budget: float, max_reps:
         rows.append(dict(spec, cpp_ms=1e3 * statistics.median(times["cpp"]),
                          reference_ms=1e3 * statistics.median(times["reference"]),
                          cpp_kernel_ms=1e3 * statistics.median(kernel),
+                         copy_bandwidth_gbps=COPY_BYTES / statistics.median(copies) / 1e9,
                          cpp_cpu_ms=1e3 * statistics.median(cpu["cpp"]),
                          reference_cpu_ms=1e3 * statistics.median(cpu["reference"]), reps=reps, bytes_moved=moved))
     overhead = {mode: 1e3 * fixed_overhead(torch, flush, mode == "fwd+bwd") for mode in ("fwd", "fwd+bwd")}
@@ -381,8 +396,9 @@ def main() -> None:
 
     rows = []
     for c, w, m in zip(cold["rows"], warm["rows"], mem["rows"]):
-        floor_ms = 1e3 * c["bytes_moved"] / (warm["copy_bandwidth_gbps"] * 1e9)
+        floor_ms = 1e3 * c["bytes_moved"] / (w["copy_bandwidth_gbps"] * 1e9)
         row = dict(c)
+        row.update(copy_bandwidth_gbps_warm=w["copy_bandwidth_gbps"])
         row.update(cpp_ms_warm=w["cpp_ms"], reference_ms_warm=w["reference_ms"], cpp_cpu_ms_warm=w["cpp_cpu_ms"],
                    reference_cpu_ms_warm=w["reference_cpu_ms"], cpp_kernel_ms_warm=w["cpp_kernel_ms"], **m)
         row.update(speedup=c["reference_ms"] / c["cpp_ms"], speedup_warm=w["reference_ms"] / w["cpp_ms"],
@@ -406,7 +422,8 @@ def main() -> None:
                            "the rest of a call is fixed cost (Python, dispatcher, autograd engine), measured cold "
                            "on a 3x3->2x2 resize of 16 channels in fixed_overhead_ms",
                     floor="bytes that must move (touched inputs in whole 64-byte lines + outputs [+ grad_out read + grads written]) / "
-                          "copy bandwidth (256 MB torch copy, read+write) of the warm process; cpp_over_floor uses cpp_ms_warm, "
+                          "copy bandwidth (256 MB torch copy, read+write) measured beside the row's repetitions in the warm "
+                          "process (row copy_bandwidth_gbps_warm); cpp_over_floor uses cpp_ms_warm, "
                           "kernel_over_floor cpp_kernel_ms_warm",
                     memory="growth of VmHWM over VmRSS during the call (outputs included), reset via "
                            "/proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=16K"),
@@ -468,8 +485,7 @@ def write_chart(result: dict, path: Path) -> None:
                  fontsize=6)
         ax2.text(x + w / 2, r["cpp_over_floor"], f"{r['cpp_over_floor']:.2f}", ha="center", va="bottom", fontsize=6)
     ax2.set_ylabel("cpp warm time / floor")
-    ax2.set_title(f"time over the memory-bandwidth floor (bytes moved at "
-                  f"{result['copy_bandwidth_gbps_warm']:.1f} GB/s copy bandwidth)")
+    ax2.set_title("time over the memory-bandwidth floor (bytes moved at the copy bandwidth measured beside each row)")
     ax2.legend(fontsize=8)
     ax3.bar([x - w / 2 for x in xs], [r["cpp_peak_mb"] for r in rows], w, label="cpp")
     ax3.bar([x + w / 2 for x in xs], [r["reference_peak_mb"] for r in rows], w, label="reference")
