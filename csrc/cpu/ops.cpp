@@ -565,7 +565,16 @@ class InterpolateFunction : public torch::autograd::Function<InterpolateFunction
 };
 
 at::Tensor multi_tower_interpolate_autograd(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
-  return InterpolateFunction::apply(features, src_sizes, dst_size);
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled())
+    for (const at::Tensor& f : features) needs_grad = needs_grad || f.requires_grad();
+  if (needs_grad) return InterpolateFunction::apply(features, src_sizes, dst_size);
+  // No graph to record: skip the autograd node and its saved state (a cold call pays for every allocation).
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cambrian::multi_tower_interpolate", "")
+                             .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(features, src_sizes, dst_size);
 }
 
 }  // namespace
