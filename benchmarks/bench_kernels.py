@@ -30,9 +30,10 @@ Each in ``fwd`` and ``fwd+bwd`` mode.  Reported per row:
 * the memory-bandwidth floor: the bytes the kernel must read and write (inputs actually touched, in whole
   cache lines; outputs, gradients; never intermediates) divided by the copy bandwidth (``torch`` copy of a
   256 MB tensor, counted as read + write) measured beside the row's own repetitions, one copy per repetition,
-  median -- the host's bandwidth drifts with other tenants (one process measured 76 GB/s at start-up where
-  the rest of the run saw 42), so a single figure for the whole run would skew some rows; per row
-  ``copy_bandwidth_gbps[_warm]``.  ``cpp_over_floor`` uses the warm call time, ``kernel_over_floor`` the
+  median, with buffers allocated together with the row's tensors -- on this VM the bandwidth of a region
+  depends on where it lies (the same copy measured ~40 GB/s at start-up and 60-75 GB/s after large
+  allocations and frees elsewhere in the process), so a figure from elsewhere in the run would skew rows;
+  per row ``copy_bandwidth_gbps[_warm]``.  ``cpp_over_floor`` uses the warm call time, ``kernel_over_floor`` the
   warm kernel time;
 * peak memory: the growth of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs`` before each call) over the resident set before the call, in a process with a
@@ -236,11 +237,14 @@ def worker_time(spec_list: list[dict], dtype_name: str, budget: float, max_reps:
 
     dtype = getattr(torch, dtype_name)
     flush = make_flush(torch)
-    copy = make_copy(torch)
-    bw = copy_bandwidth(copy)
+    bw = copy_bandwidth(make_copy(torch))
     rows = []
     for spec in spec_list:
         run, moved = build(spec, dtype)
+        # copy buffers allocated beside this row's tensors: how fast memory is depends on where it lies
+        # (this VM's host backs some regions better: after large allocations elsewhere in the process the
+        # same copy measured 60-75 GB/s against ~40)
+        copy = make_copy(torch)
         for mod in (cpp, reference):  # warm-up (lazy init, thread pools)
             run(mod)
         times = {"cpp": [], "reference": []}
