@@ -522,6 +522,15 @@ namespace {
 // torch.library.register_autograd: a Python autograd kernel runs on every call, grad or not, and with the
 // interpreter's code and objects out of cache (a large op in between) that costs ~0.1-0.3 ms per call,
 // more than the whole SigLIP resize moves.  Same formula: the backward op per grid, cast to the grid's dtype.
+// The forward op with the autograd key masked off (the CPU kernel, or whatever sits below autograd).
+at::Tensor interpolate_below_autograd(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cambrian::multi_tower_interpolate", "")
+                             .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(features, src_sizes, dst_size);
+}
+
 class InterpolateFunction : public torch::autograd::Function<InterpolateFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList features, at::IntArrayRef src_sizes,
@@ -535,11 +544,7 @@ class InterpolateFunction : public torch::autograd::Function<InterpolateFunction
     ctx->saved_data["dst_size"] = dst_size.vec();
     ctx->saved_data["channels"] = channels;
     ctx->saved_data["dtypes"] = dtypes;
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("cambrian::multi_tower_interpolate", "")
-                               .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::IntArrayRef)>();
-    return op.call(features, src_sizes, dst_size);
+    return interpolate_below_autograd(features, src_sizes, dst_size);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -570,11 +575,7 @@ at::Tensor multi_tower_interpolate_autograd(at::TensorList features, at::IntArra
     for (const at::Tensor& f : features) needs_grad = needs_grad || f.requires_grad();
   if (needs_grad) return InterpolateFunction::apply(features, src_sizes, dst_size);
   // No graph to record: skip the autograd node and its saved state (a cold call pays for every allocation).
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cambrian::multi_tower_interpolate", "")
-                             .typed<at::Tensor(at::TensorList, at::IntArrayRef, at::IntArrayRef)>();
-  return op.call(features, src_sizes, dst_size);
+  return interpolate_below_autograd(features, src_sizes, dst_size);
 }
 
 }  // namespace
