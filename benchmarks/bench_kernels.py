@@ -24,16 +24,16 @@ Each in ``fwd`` and ``fwd+bwd`` mode.  Reported per row:
 * kernel time: the part of the C++ call spent inside the kernel bodies (``cambrian.kernels._C.kernel_time_ns``,
   a clock read around every kernel launch), same calls, same median.  The rest of the call is fixed cost:
   Python, the dispatcher, the C++ glue and, in ``fwd+bwd`` mode, the autograd engine -- with code and data
-  evicted by the flush (as after any large op) that is ~0.08 ms per op and ~0.25 ms per ``autograd.grad``
-  here, whatever the op moves.  The JSON's ``fixed_overhead_ms`` measures it: the same protocol on a
+  evicted by the flush (as after any large op) that is ~0.1 ms per op and ~0.25-0.3 ms more per
+  ``autograd.grad`` here, whatever the op moves.  The JSON's ``fixed_overhead_ms`` measures it: the same protocol on a
   3x3 -> 2x2 resize of 16 channels (fwd) and on ``autograd.grad`` of that resize (fwd+bwd);
 * the memory-bandwidth floor: the bytes the kernel must read and write (inputs actually touched, in whole
   cache lines; outputs, gradients; never intermediates) divided by the copy bandwidth (``torch`` copy of a
   256 MB tensor, counted as read + write) measured beside the row's own repetitions, one copy per repetition,
-  median, with buffers allocated together with the row's tensors -- on this VM the bandwidth of a region
-  depends on where it lies (the same copy measured ~40 GB/s at start-up and 60-75 GB/s after large
-  allocations and frees elsewhere in the process), so a figure from elsewhere in the run would skew rows;
-  per row ``copy_bandwidth_gbps[_warm]``.  ``cpp_over_floor`` uses the warm call time, ``kernel_over_floor`` the
+  median, with buffers allocated together with the row's tensors -- on the 2-core test VM the two-thread
+  copy bandwidth is not steady (~40 GB/s at start-up, 60-75 GB/s in some rows and after large allocations
+  elsewhere in the process; one thread stays at 37-40), so a figure from elsewhere in the run would skew
+  rows; per row ``copy_bandwidth_gbps[_warm]``.  ``cpp_over_floor`` uses the warm call time, ``kernel_over_floor`` the
   warm kernel time;
 * peak memory: the growth of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs`` before each call) over the resident set before the call, in a process with a
@@ -210,6 +210,9 @@ def build(spec: dict, dtype):
 # ---------------------------------------------------------------------------------------------------
 # worker processes
 # ---------------------------------------------------------------------------------------------------
+COPY_BYTES = 512 << 20  # read + written by one make_copy() call
+
+
 def make_copy(torch):
     """-> copy(): seconds of one copy of a 256 MB tensor (its bytes x 2 read + written = COPY_BYTES)."""
     src = torch.randn(COPY_BYTES // 8)
@@ -221,9 +224,6 @@ def make_copy(torch):
         dst.copy_(src)
         return time.perf_counter() - t0
     return copy
-
-
-COPY_BYTES = 512 << 20  # read + written by one make_copy() call
 
 
 def copy_bandwidth(copy) -> float:
@@ -241,9 +241,8 @@ def worker_time(spec_list: list[dict], dtype_name: str, budget: float, max_reps:
     rows = []
     for spec in spec_list:
         run, moved = build(spec, dtype)
-        # copy buffers allocated beside this row's tensors: how fast memory is depends on where it lies
-        # (this VM's host backs some regions better: after large allocations elsewhere in the process the
-        # same copy measured 60-75 GB/s against ~40)
+        # copy buffers allocated beside this row's tensors (the same copy measured ~40 GB/s at start-up
+        # and 60-75 GB/s after large allocations elsewhere in the process, at two threads)
         copy = make_copy(torch)
         for mod in (cpp, reference):  # warm-up (lazy init, thread pools)
             run(mod)
@@ -252,8 +251,7 @@ def worker_time(spec_list: list[dict], dtype_name: str, budget: float, max_reps:
         kernel, copies = [], []
         start = time.perf_counter()
         while True:
-            # the host's memory bandwidth drifts (other tenants): measure it beside every repetition
-            copies.append(copy())
+            copies.append(copy())  # the bandwidth drifts: measured beside every repetition
             for name, mod in (("cpp", cpp), ("reference", reference)):
                 gc.collect()
                 flush()
@@ -402,8 +400,7 @@ def main() -> None:
     for c, w, m in zip(cold["rows"], warm["rows"], mem["rows"]):
         floor_ms = 1e3 * c["bytes_moved"] / (w["copy_bandwidth_gbps"] * 1e9)
         row = dict(c)
-        row.update(copy_bandwidth_gbps_warm=w["copy_bandwidth_gbps"])
-        row.update(cpp_ms_warm=w["cpp_ms"], reference_ms_warm=w["reference_ms"], cpp_cpu_ms_warm=w["cpp_cpu_ms"],
+        row.update(copy_bandwidth_gbps_warm=w["copy_bandwidth_gbps"], cpp_ms_warm=w["cpp_ms"], reference_ms_warm=w["reference_ms"], cpp_cpu_ms_warm=w["cpp_cpu_ms"],
                    reference_cpu_ms_warm=w["reference_cpu_ms"], cpp_kernel_ms_warm=w["cpp_kernel_ms"], **m)
         row.update(speedup=c["reference_ms"] / c["cpp_ms"], speedup_warm=w["reference_ms"] / w["cpp_ms"],
                    floor_ms=floor_ms, cpp_over_floor=w["cpp_ms"] / floor_ms,
