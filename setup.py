@@ -43,6 +43,9 @@ def native_extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     common = dict(
         include_dirs=[os.path.abspath("csrc")],
+        # the kernels live in headers (kernels_impl.h, included once per ISA): without them here an in-place
+        # rebuild after editing only a header would keep the old objects
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)),
         extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
         extra_link_args=["-fopenmp"],
     )
