@@ -38,7 +38,7 @@ template <class A>
 struct Scratch {  // per-thread buffer (no std containers in this file, see above)
   A* p;
   // cache-line aligned: at malloc's 16-byte alignment most AVX-512 vectors read from a buffer straddle two
-  // lines; measured ~10% of the ConvNeXt resize, whose output loop blends two such buffers
+  // lines; measured ~5-10% of the ConvNeXt resize, whose output loop blends two such buffers
   explicit Scratch(int64_t n)
       : p(static_cast<A*>(aligned_alloc(64, (sizeof(A) * static_cast<size_t>(n > 0 ? n : 1) + 63) / 64 * 64))) {}
   ~Scratch() { free(p); }
