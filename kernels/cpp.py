@@ -16,8 +16,9 @@ The extension `cambrian.kernels._C` (built by setup.py from csrc/cpu/*.cpp) defi
   (valid_rects stacked to (towers, B, 4), masks flattened and concatenated to (B, sum n_i^2)), and its
   ``sva_window_attention_backward``.
 
-This module adds their autograd formulas (`torch.library.register_autograd`; multi_tower_interpolate's is in
-C++, ops.cpp `InterpolateFunction`, so calls do not pass through Python) and fake/meta implementations
+This module adds their autograd formulas (`torch.library.register_autograd`; multi_tower_interpolate's and
+sva_window_attention's are in C++, ops.cpp `InterpolateFunction` / `AttentionFunction`, so calls do not pass
+through Python) and fake/meta implementations
 (`torch.library.register_fake`), so autograd, `torch.compile` and `torch.export` see
 opaque ops with known shapes, and exposes the backend interface of `cambrian.kernels`
 (`is_available`, `supports`, and the two ops with the reference signatures).
@@ -204,24 +205,6 @@ def _attn_backward_fake(grad_out, q, keys, values, lse, num_heads, grid_side, qu
     return like(q), [like(k) for k in keys], [like(v) for v in values]
 
 
-def _attn_setup_context(ctx, inputs, output):
-    q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks, scale = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.num_towers = len(keys)
-    ctx.args = (num_heads, grid_side, scale)
-    ctx.save_for_backward(q, lse, query_offsets, valid_rects, masks, *keys, *values)
-
-
-def _attn_backward(ctx, grad_out, _grad_lse):
-    q, lse, query_offsets, valid_rects, masks, *kv = ctx.saved_tensors
-    t = ctx.num_towers
-    num_heads, grid_side, scale = ctx.args
-    gq, gk, gv = torch.ops.cambrian.sva_window_attention_backward(
-        grad_out, q, kv[:t], kv[t:], lse, num_heads, grid_side, query_offsets, valid_rects, masks, scale)
-    return gq, list(gk), list(gv), None, None, None, None, None, None
-
-
 def _pln_setup_context(ctx, inputs, output):
     grid, pos, window_side, eps = inputs
     ctx.window_side, ctx.eps = window_side, eps
@@ -262,8 +245,6 @@ def _register() -> None:
     torch.library.register_autograd(lib + "window_pos_layer_norm", _pln_backward, setup_context=_pln_setup_context)
     torch.library.register_fake(lib + "sva_window_attention", _attn_fake)
     torch.library.register_fake(lib + "sva_window_attention_backward", _attn_backward_fake)
-    torch.library.register_autograd(lib + "sva_window_attention", _attn_backward,
-                                    setup_context=_attn_setup_context)
 
 
 if _C is not None:

@@ -528,6 +528,30 @@ def test_attention_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, leaves)
 
 
+def test_attention_autograd_only_where_needed():
+    """The C++ autograd node is recorded only when some input needs a gradient, and then only those inputs get one
+    (here only the value grids): the same values as with every input requiring one, and the reference backend's
+    (which computes in float32) to float32 rounding."""
+    q, keys, values, kw = make_case(2, 2, (2, 4), 2, 3, torch.float64, "rects", None)
+    assert cpp.sva_window_attention(q, keys, values, num_heads=2, grid_side=2, **kw).grad_fn is None
+    leaves = [v.clone().requires_grad_(True) for v in values]
+    with torch.no_grad():
+        assert cpp.sva_window_attention(q, keys, leaves, num_heads=2, grid_side=2, **kw).grad_fn is None
+    out = cpp.sva_window_attention(q, keys, leaves, num_heads=2, grid_side=2, **kw)
+    assert out.grad_fn is not None
+    got = torch.autograd.grad(out.square().sum(), leaves)
+    every = [x.clone().requires_grad_(True) for x in (q, *keys, *values)]
+    t = len(keys)
+    out_all = cpp.sva_window_attention(every[0], every[1:1 + t], every[1 + t:], num_heads=2, grid_side=2, **kw)
+    want = torch.autograd.grad(out_all.square().sum(), every)[1 + t:]
+    ref_leaves = [v.clone().requires_grad_(True) for v in values]
+    ref_out = reference.sva_window_attention(q, keys, ref_leaves, num_heads=2, grid_side=2, **kw)
+    ref = torch.autograd.grad(ref_out.square().sum(), ref_leaves)
+    for a, b, r in zip(got, want, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, r.to(a.dtype), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_opcheck():
     q, keys, values, kw = make_case(2, 2, (2, 4), 2, 3, validity="rects", sub=(1, 2))
     rects = torch.stack(kw["valid_rects"])

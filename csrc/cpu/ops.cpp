@@ -578,6 +578,83 @@ at::Tensor multi_tower_interpolate_autograd(at::TensorList features, at::IntArra
   return interpolate_below_autograd(features, src_sizes, dst_size);
 }
 
+
+// sva_window_attention's autograd, in C++ for the same reason.  Saved: q, lse, the key/value grids and the
+// validity inputs; the backward op recomputes the attention weights from lse (flash-attention style).
+using AttnSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList, int64_t, int64_t,
+                                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                   const std::optional<at::Tensor>&, double);
+std::tuple<at::Tensor, at::Tensor> attention_below_autograd(
+    const at::Tensor& q, at::TensorList keys, at::TensorList values, int64_t num_heads, int64_t grid_side,
+    const std::optional<at::Tensor>& query_offsets, const std::optional<at::Tensor>& valid_rects,
+    const std::optional<at::Tensor>& masks, double scale) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("cambrian::sva_window_attention", "").typed<AttnSig>();
+  return op.call(q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks, scale);
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& q, at::TensorList keys, at::TensorList values,
+      int64_t num_heads, int64_t grid_side, const std::optional<at::Tensor>& query_offsets,
+      const std::optional<at::Tensor>& valid_rects, const std::optional<at::Tensor>& masks, double scale) {
+    auto [out, lse] = attention_below_autograd(q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks,
+                                               scale);
+    ctx->mark_non_differentiable({lse});
+    std::vector<at::Tensor> saved = {q, lse, query_offsets.value_or(at::Tensor()), valid_rects.value_or(at::Tensor()),
+                                     masks.value_or(at::Tensor())};
+    saved.insert(saved.end(), keys.begin(), keys.end());
+    saved.insert(saved.end(), values.begin(), values.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["towers"] = static_cast<int64_t>(keys.size());
+    ctx->saved_data["num_heads"] = num_heads;
+    ctx->saved_data["grid_side"] = grid_side;
+    ctx->saved_data["scale"] = scale;
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    using BackwardSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+        const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&, int64_t, int64_t,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("cambrian::sva_window_attention_backward", "")
+                               .typed<BackwardSig>();
+    const std::vector<at::Tensor> saved = ctx->get_saved_variables();
+    const int64_t t = ctx->saved_data["towers"].toInt();
+    auto opt = [](const at::Tensor& x) { return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt; };
+    const std::vector<at::Tensor> keys(saved.begin() + 5, saved.begin() + 5 + t);
+    const std::vector<at::Tensor> values(saved.begin() + 5 + t, saved.end());
+    auto [gq, gk, gv] = op.call(grad_outputs[0], saved[0], keys, values, saved[1], ctx->saved_data["num_heads"].toInt(),
+                                ctx->saved_data["grid_side"].toInt(), opt(saved[2]), opt(saved[3]), opt(saved[4]),
+                                ctx->saved_data["scale"].toDouble());
+    torch::autograd::variable_list grads = {gq};
+    grads.insert(grads.end(), gk.begin(), gk.end());
+    grads.insert(grads.end(), gv.begin(), gv.end());
+    grads.resize(grads.size() + 6);  // num_heads, grid_side, query_offsets, valid_rects, masks, scale
+    return grads;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> sva_window_attention_autograd(
+    const at::Tensor& q, at::TensorList keys, at::TensorList values, int64_t num_heads, int64_t grid_side,
+    const std::optional<at::Tensor>& query_offsets, const std::optional<at::Tensor>& valid_rects,
+    const std::optional<at::Tensor>& masks, double scale) {
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    needs_grad = q.requires_grad();
+    for (const at::Tensor& k : keys) needs_grad = needs_grad || k.requires_grad();
+    for (const at::Tensor& v : values) needs_grad = needs_grad || v.requires_grad();
+  }
+  if (!needs_grad)
+    return attention_below_autograd(q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks, scale);
+  torch::autograd::variable_list r =
+      AttentionFunction::apply(q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks, scale);
+  return {r[0], r[1]};
+}
 }  // namespace
 }  // namespace cambrian::cpu
 
@@ -608,6 +685,7 @@ TORCH_LIBRARY_IMPL(cambrian, CPU, m) {
 
 TORCH_LIBRARY_IMPL(cambrian, Autograd, m) {
   m.impl("multi_tower_interpolate", &cambrian::cpu::multi_tower_interpolate_autograd);
+  m.impl("sva_window_attention", &cambrian::cpu::sva_window_attention_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
