@@ -569,15 +569,21 @@ class InterpolateFunction : public torch::autograd::Function<InterpolateFunction
   }
 };
 
-at::Tensor multi_tower_interpolate_autograd(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
-  bool needs_grad = false;
-  if (at::GradMode::is_enabled())
-    for (const at::Tensor& f : features) needs_grad = needs_grad || f.requires_grad();
-  if (needs_grad) return InterpolateFunction::apply(features, src_sizes, dst_size);
-  // No graph to record: skip the autograd node and its saved state (a cold call pays for every allocation).
-  return interpolate_below_autograd(features, src_sizes, dst_size);
+// Whether a call must record an autograd node: grad mode on and some input requiring a gradient.  Without
+// one the autograd kernels call the op below autograd directly, skipping the node and its saved state (a
+// cold call pays for every allocation).
+bool needs_grad(std::initializer_list<at::TensorList> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (at::TensorList list : inputs)
+    for (const at::Tensor& t : list)
+      if (t.requires_grad()) return true;
+  return false;
 }
 
+at::Tensor multi_tower_interpolate_autograd(at::TensorList features, at::IntArrayRef src_sizes, at::IntArrayRef dst_size) {
+  if (needs_grad({features})) return InterpolateFunction::apply(features, src_sizes, dst_size);
+  return interpolate_below_autograd(features, src_sizes, dst_size);
+}
 
 // sva_window_attention's autograd, in C++ for the same reason.  Saved: q, lse, the key/value grids and the
 // validity inputs; the backward op recomputes the attention weights from lse (flash-attention style).
@@ -643,13 +649,7 @@ std::tuple<at::Tensor, at::Tensor> sva_window_attention_autograd(
     const at::Tensor& q, at::TensorList keys, at::TensorList values, int64_t num_heads, int64_t grid_side,
     const std::optional<at::Tensor>& query_offsets, const std::optional<at::Tensor>& valid_rects,
     const std::optional<at::Tensor>& masks, double scale) {
-  bool needs_grad = false;
-  if (at::GradMode::is_enabled()) {
-    needs_grad = q.requires_grad();
-    for (const at::Tensor& k : keys) needs_grad = needs_grad || k.requires_grad();
-    for (const at::Tensor& v : values) needs_grad = needs_grad || v.requires_grad();
-  }
-  if (!needs_grad)
+  if (!needs_grad({q, keys, values}))
     return attention_below_autograd(q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks, scale);
   torch::autograd::variable_list r =
       AttentionFunction::apply(q, keys, values, num_heads, grid_side, query_offsets, valid_rects, masks, scale);
