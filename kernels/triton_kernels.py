@@ -16,6 +16,12 @@ the input dtype), without the reference's copies:
   probabilities from the saved log-sum-exp; windows do not overlap, so each key belongs to exactly
   one query and its dK/dV are written directly (no atomics, no second pass).
 
+Launch tiles: on a GPU every kernel goes through `triton.autotune` (`TUNED`), which times the candidate
+tiles (`INTERP_CONFIGS`: pixel x channel blocks; `SVA_CONFIGS`: head blocks x warps), pruned to the problem
+(`_prune_interp`, `_prune_sva`), once per shape key and dtype, and keeps the fastest.  Under the interpreter
+the launches use few, big programs instead (`_BIG_BLOCKS`); tests that switch that off run the autotuned path
+on the CPU, where `_cpu_do_bench` replaces Triton's CUDA-event benchmarker and two candidates are tried.
+
 Availability: Triton must import and either a CUDA device exists or `TRITON_INTERPRET=1` was set
 before this module was imported (then CPU tensors run in the interpreter, slowly: tests use small
 shapes and large blocks).  No `tl.dot` is used (every query has its own keys, so the work is
@@ -24,6 +30,7 @@ bandwidth-bound multiply-and-reduce), which also sidesteps the interpreter's wro
 from __future__ import annotations
 
 import struct
+import time
 from typing import Sequence
 
 import torch
@@ -36,7 +43,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["multi_tower_interpolate", "sva_window_attention", "is_available", "supports", "KERNELS", "INTERP_OPTIONS"]
+__all__ = ["multi_tower_interpolate", "sva_window_attention", "is_available", "supports", "KERNELS", "TUNED", "INTERP_CONFIGS",
+           "SVA_CONFIGS", "INTERP_OPTIONS"]
 
 OPS = ("multi_tower_interpolate", "sva_window_attention")
 
@@ -321,8 +329,78 @@ else:  # pragma: no cover
     KERNELS = {}
     _INTERPRET = False
 # Block shapes: the interpreter's cost is per program and per op, not per element, so under it the
-# launch helpers use few, large programs.  Tests set this to False to run the GPU tiling too.
+# launch helpers use few, large programs (`_interp_blocks`, `_sva_blocks`).  Otherwise -- on a GPU, or when
+# tests set this to False under the interpreter -- the tiles come from triton.autotune (`TUNED`).
 _BIG_BLOCKS = _INTERPRET
+
+
+# ---------------------------------------------------------------------------------------------------
+# autotuning (GPU tiles)
+# ---------------------------------------------------------------------------------------------------
+# Candidate tiles.  Resize: (BLOCK_P pixels, BLOCK_C channels, warps), 4K-8K elements per program, from
+# narrow channel blocks (grids with few channels) to wide ones (long contiguous runs of one pixel).
+# Attention: one query per program (each query has its own keys) and BLOCK_H heads of BLOCK_D channels.
+_INTERP_TILES = ((256, 16, 4), (128, 32, 4), (64, 64, 4), (32, 128, 4), (16, 256, 4), (8, 512, 4), (64, 128, 8),
+                 (32, 256, 8))
+_SVA_HEAD_BLOCKS, _SVA_WARPS = (1, 2, 4, 8, 16, 32), (4, 8)
+# Under the interpreter timings say nothing about a GPU: tuning there only exercises the path (tests), so
+# it tries this many candidates.
+_INTERPRETED_CANDIDATES = 2
+
+
+def _cpu_do_bench(kernel_call, quantiles=(0.5, 0.2, 0.8), reps: int = 2) -> list[float]:
+    """Autotuner benchmark without a GPU (the interpreter): wall-clock ms of `reps` calls at `quantiles`.
+
+    Triton's default benchmarker times with CUDA events and cannot run on a CPU-only machine.
+    """
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        kernel_call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return [times[min(len(times) - 1, round(q * (len(times) - 1)))] for q in quantiles]
+
+
+def _interpreted_subset(configs: list) -> list:
+    return configs[:_INTERPRETED_CANDIDATES] if _INTERPRET else configs
+
+
+def _prune_interp(configs, named_args, **kwargs) -> list:
+    """Resize tiles no wider in channels than the grid (its channel count rounded up to a power of two, >= 16)."""
+    widest = max(16, _next_pow2(named_args["C"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= widest]
+    return _interpreted_subset(sorted(kept, key=lambda c: -c.kwargs["BLOCK_C"]))
+
+
+def _prune_sva(configs, named_args, **kwargs) -> list:
+    """Head blocks from the widest useful one (all heads, at most 2048 channels) down to a quarter of it."""
+    block_d = kwargs["BLOCK_D"]
+    widest = max(1, min(_next_pow2(named_args["heads"]), 2048 // block_d))
+    kept = [c for c in configs if widest // 4 <= c.kwargs["BLOCK_H"] <= widest]
+    return _interpreted_subset(sorted(kept, key=lambda c: (-c.kwargs["BLOCK_H"], c.num_warps)))
+
+
+if triton is not None:
+    INTERP_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw) for bp, bc, nw in _INTERP_TILES]
+    SVA_CONFIGS = [triton.Config({"BLOCK_Q": 1, "BLOCK_H": bh}, num_warps=nw)
+                   for bh in _SVA_HEAD_BLOCKS for nw in _SVA_WARPS]
+    _do_bench = _cpu_do_bench if _INTERPRET else None  # None: Triton's GPU benchmarker
+
+    def _tuned(kernel, configs, key, prune):
+        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
+                               do_bench=_do_bench)(kernel)
+
+    # Tuned once per key (and input dtypes, which the autotuner adds); every run writes its outputs whole, so
+    # repeated launches while tuning change nothing.
+    TUNED = {
+        "interp_fwd": _tuned(_interp_fwd_kernel, INTERP_CONFIGS, ["C", "H", "W", "x_sc", "COPY"], _prune_interp),
+        "interp_bwd": _tuned(_interp_bwd_kernel, INTERP_CONFIGS, ["C", "h", "w", "H", "W", "COPY"], _prune_interp),
+        "sva_fwd": _tuned(_sva_fwd_kernel, SVA_CONFIGS, ["heads", "head_dim", "s", "RS", "MASK_MODE"], _prune_sva),
+        "sva_bwd": _tuned(_sva_bwd_kernel, SVA_CONFIGS, ["heads", "head_dim", "s", "RS", "MASK_MODE"], _prune_sva),
+    }
+else:  # pragma: no cover
+    INTERP_CONFIGS, SVA_CONFIGS, TUNED = [], [], {}
 
 
 def is_available() -> bool:
@@ -343,12 +421,22 @@ def supports(op: str, device: torch.device | str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # launch helpers
 # ---------------------------------------------------------------------------------------------------
-def _interp_blocks(n_pix: int, channels: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps): GPU tiles of ~4K elements; the interpreter wants few, big programs."""
-    block_c = min(_next_pow2(channels), 256 if _BIG_BLOCKS else 128)
-    budget = 1 << 16 if _BIG_BLOCKS else 4096
-    block_p = max(1, min(_next_pow2(n_pix), budget // block_c))
-    return block_p, block_c, 4
+def _interp_blocks(n_pix: int, channels: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) under the interpreter: few, big programs (up to 64K elements)."""
+    block_c = min(_next_pow2(channels), 256)
+    return max(1, min(_next_pow2(n_pix), (1 << 16) // block_c)), block_c
+
+
+def _launch_interp(name: str, n_pix: int, channels: int, *args, **constexprs) -> None:
+    """Launch a resize kernel over (pixels, channels): big blocks under the interpreter, else autotuned tiles."""
+    if _BIG_BLOCKS:
+        block_p, block_c = _interp_blocks(n_pix, channels)
+        grid = (triton.cdiv(n_pix, block_p), triton.cdiv(channels, block_c))
+        KERNELS[name][grid](*args, **constexprs, BLOCK_P=block_p, BLOCK_C=block_c, **INTERP_OPTIONS)
+    else:
+        def grid(meta):
+            return triton.cdiv(n_pix, meta["BLOCK_P"]), triton.cdiv(channels, meta["BLOCK_C"])
+        TUNED[name][grid](*args, **constexprs, **INTERP_OPTIONS)
 
 
 def _f32_ratio(a: int, b: int) -> float:
@@ -372,13 +460,8 @@ class _MultiTowerInterpolate(torch.autograd.Function):
         for x, (h, w) in zip(features, src_sizes):
             c = x.shape[2]
             if c:
-                block_p, block_c, warps = _interp_blocks(n_pix, c)
-                grid = (triton.cdiv(n_pix, block_p), triton.cdiv(c, block_c))
-                _interp_fwd_kernel[grid](
-                    x, out, n_pix, h, w, c, out_h, out_w, *x.stride(), total_c, c_off,
-                    _f32_ratio(h, out_h), _f32_ratio(w, out_w),
-                    COPY=(h, w) == (out_h, out_w), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
-                    **INTERP_OPTIONS)
+                _launch_interp("interp_fwd", n_pix, c, x, out, n_pix, h, w, c, out_h, out_w, *x.stride(), total_c,
+                               c_off, _f32_ratio(h, out_h), _f32_ratio(w, out_w), COPY=(h, w) == (out_h, out_w))
             c_off += c
         ctx.src_sizes, ctx.dst_size = src_sizes, dst_size
         ctx.meta = [(x.shape, x.dtype) for x in features]
@@ -399,16 +482,12 @@ class _MultiTowerInterpolate(torch.autograd.Function):
             gx = torch.empty(shape, dtype=dtype, device=grad_out.device)
             n_pix = shape[0] * h * w
             if c and n_pix:
-                block_p, block_c, warps = _interp_blocks(n_pix, c)
-                grid = (triton.cdiv(n_pix, block_p), triton.cdiv(c, block_c))
                 # candidate boxes: outputs with a non-zero tap on one input index span < 2*n_out/n_in + 1
                 span_h = min(out_h, -(-2 * out_h // h) + 3)
                 span_w = min(out_w, -(-2 * out_w // w) + 3)
-                _interp_bwd_kernel[grid](
-                    grad_out, gx, n_pix, h, w, c, out_h, out_w, total_c, c_off,
-                    _f32_ratio(h, out_h), _f32_ratio(w, out_w), _f32_ratio(out_h, h), _f32_ratio(out_w, w),
-                    span_h, span_w, COPY=(h, w) == (out_h, out_w), BLOCK_P=block_p, BLOCK_C=block_c,
-                    num_warps=warps, **INTERP_OPTIONS)
+                _launch_interp("interp_bwd", n_pix, c, grad_out, gx, n_pix, h, w, c, out_h, out_w, total_c, c_off,
+                               _f32_ratio(h, out_h), _f32_ratio(w, out_w), _f32_ratio(out_h, h), _f32_ratio(out_w, w),
+                               span_h, span_w, COPY=(h, w) == (out_h, out_w))
             grads.append(gx)
             c_off += c
         return (None, None, *grads)
@@ -422,19 +501,23 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[tupl
     return _MultiTowerInterpolate.apply(src, dst, *features)
 
 
-def _sva_blocks(n_q: int, heads: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_H, BLOCK_D, num_warps).
+def _sva_blocks(n_q: int, heads: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_H) under the interpreter: many queries per program, all heads up to 1024 channels."""
+    block_h = min(_next_pow2(heads), max(1, 1024 // _next_pow2(head_dim)))
+    return min(_next_pow2(n_q), max(1, (1 << 15) // (block_h * _next_pow2(head_dim)))), block_h
 
-    GPU: one query per program and up to 1024 channels (all 16 heads of d=64): the key rows it streams
-    are contiguous heads*d vectors.  Interpreter: many queries per program (the interpreter's cost is
-    per program and per op, not per element).
-    """
+
+def _launch_sva(name: str, n_q: int, heads: int, head_dim: int, *args, **constexprs) -> None:
+    """Launch an attention kernel over (queries, head blocks): big blocks under the interpreter, else autotuned."""
     block_d = _next_pow2(head_dim)
-    block_h = min(_next_pow2(heads), max(1, 1024 // block_d))
     if _BIG_BLOCKS:
-        block_q = min(_next_pow2(n_q), max(1, (1 << 15) // (block_h * block_d)))
-        return block_q, block_h, block_d, 4
-    return 1, block_h, block_d, 4 if block_h * block_d <= 1024 else 8
+        block_q, block_h = _sva_blocks(n_q, heads, head_dim)
+        grid = (triton.cdiv(n_q, block_q), triton.cdiv(heads, block_h))
+        KERNELS[name][grid](*args, **constexprs, BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_D=block_d)
+    else:
+        def grid(meta):
+            return triton.cdiv(n_q, meta["BLOCK_Q"]), triton.cdiv(heads, meta["BLOCK_H"])
+        TUNED[name][grid](*args, **constexprs, BLOCK_D=block_d)
 
 
 class _SvaWindowAttention(torch.autograd.Function):
@@ -456,17 +539,16 @@ class _SvaWindowAttention(torch.autograd.Function):
         o32 = torch.empty(q.shape, dtype=torch.float32, device=q.device) if store_o32 else out
         lse = torch.empty(n_q, heads, dtype=torch.float32, device=q.device)
         rs = tuple(k.shape[1] // s for k in keys)
-        block_q, block_h, block_d, warps = _sva_blocks(n_q, heads, head_dim)
         mask_mode = 1 if rects is not None else 2 if masks is not None else 0
         dummy = q  # never dereferenced: the constexpr mode removes those loads
         if n_q:
-            grid = (triton.cdiv(n_q, block_q), triton.cdiv(heads, block_h))
-            _sva_fwd_kernel[grid](
+            _launch_sva(
+                "sva_fwd", n_q, heads, head_dim,
                 q, tuple(keys), tuple(values), rects if rects is not None else dummy,
                 tuple(masks) if masks is not None else tuple(keys), offsets if offsets is not None else dummy,
                 out, o32, lse, n_q, b, h, w, s, heads, head_dim, cfg["scale"],
                 RS=rs, NUM_TOWERS=num_towers, MASK_MODE=mask_mode, HAS_OFFSETS=offsets is not None,
-                STORE_O32=store_o32, BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
+                STORE_O32=store_o32)
         ctx.cfg = cfg
         ctx.rs, ctx.mask_mode = rs, mask_mode
         ctx.save_for_backward(q, o32, lse, *keys, *values)
@@ -490,16 +572,14 @@ class _SvaWindowAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dks = tuple(alloc(k) for k in keys)
         dvs = tuple(alloc(v) for v in values)
-        block_q, block_h, block_d, warps = _sva_blocks(n_q, heads, head_dim)
         dummy = q
         if n_q:
-            grid = (triton.cdiv(n_q, block_q), triton.cdiv(heads, block_h))
-            _sva_bwd_kernel[grid](
+            _launch_sva(
+                "sva_bwd", n_q, heads, head_dim,
                 q, tuple(keys), tuple(values), rects if rects is not None else dummy,
                 tuple(masks) if masks is not None else tuple(keys), offsets if offsets is not None else dummy,
                 o32, do, lse, dq, dks, dvs, n_q, b, h, w, s, heads, head_dim, cfg["scale"],
-                RS=ctx.rs, NUM_TOWERS=num_towers, MASK_MODE=ctx.mask_mode, HAS_OFFSETS=offsets is not None,
-                BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
+                RS=ctx.rs, NUM_TOWERS=num_towers, MASK_MODE=ctx.mask_mode, HAS_OFFSETS=offsets is not None)
         return (None, dq, *dks, *dvs)
 
 

@@ -59,8 +59,11 @@ def within_one_bf16_ulp(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 @pytest.fixture
 def gpu_blocks(monkeypatch):
-    """Run with the GPU tile shapes (one query per program, small channel blocks) instead of big ones."""
+    """Run with the GPU tile shapes (autotuned: one query per program, small channel blocks) instead of big
+    ones; the autotuners start with empty caches, so they tune (with the CPU benchmarker) in the test."""
     monkeypatch.setattr(tk, "_BIG_BLOCKS", False)
+    for tuner in tk.TUNED.values():
+        tuner.cache.clear()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,6 +137,40 @@ def test_interpolate_many_blocks_gpu_tiling(gpu_blocks):
     for g, r in zip(torch.autograd.grad((got * grad).sum(), [a, b, c]),
                     torch.autograd.grad((want * grad).sum(), [a, b, c])):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_autotuned_launch_benchmarks_candidates_on_the_cpu(gpu_blocks):
+    """GPU launches go through triton.autotune; under the interpreter it times its candidates with the CPU
+    benchmarker (Triton's own needs CUDA events), keeps the fastest per key, and reuses it."""
+    x = torch.randn(2, 7 * 5, 40)
+    got = tk.multi_tower_interpolate([x], [(7, 5)], (4, 6))
+    assert torch.equal(got, reference.multi_tower_interpolate([x], [(7, 5)], (4, 6)))
+    tuner = tk.TUNED["interp_fwd"]
+    assert len(tuner.cache) == 1
+    timings = tuner.configs_timings
+    assert len(timings) == tk._INTERPRETED_CANDIDATES
+    assert all(len(t) == 3 and 0 < t[0] < float("inf") for t in timings.values())
+    best = next(iter(tuner.cache.values()))
+    assert best is min(timings, key=timings.get) and best.kwargs["BLOCK_C"] <= 64
+    tk.multi_tower_interpolate([x], [(7, 5)], (4, 6))
+    assert len(tuner.cache) == 1  # same key: no new tuning
+    assert tk._cpu_do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))[0] >= 0
+
+
+def test_autotune_candidates_fit_the_problem(monkeypatch):
+    """On a GPU: resize tiles no wider than the channels (rounded up to a power of two, at least 16); head blocks
+    from all heads (at most 2048 channels) down to a quarter, with 4 and 8 warps."""
+    monkeypatch.setattr(tk, "_INTERPRET", False)  # the GPU candidate lists, not the interpreter's subset
+    wide = tk._prune_interp(tk.INTERP_CONFIGS, {"C": 1152})
+    assert len(wide) == len(tk.INTERP_CONFIGS)
+    narrow = tk._prune_interp(tk.INTERP_CONFIGS, {"C": 7})
+    assert [c.kwargs["BLOCK_C"] for c in narrow] == [16]
+    assert {c.kwargs["BLOCK_C"] for c in tk._prune_interp(tk.INTERP_CONFIGS, {"C": 100})} == {16, 32, 64, 128}
+    heads = tk._prune_sva(tk.SVA_CONFIGS, {"heads": 16}, BLOCK_D=64)
+    assert sorted((c.kwargs["BLOCK_H"], c.num_warps) for c in heads) == [(h, w) for h in (4, 8, 16) for w in (4, 8)]
+    assert all(c.kwargs["BLOCK_Q"] == 1 for c in heads)
+    few = tk._prune_sva(tk.SVA_CONFIGS, {"heads": 3}, BLOCK_D=128)
+    assert sorted({c.kwargs["BLOCK_H"] for c in few}) == [1, 2, 4]
 
 
 def test_interpolate_reads_strided_views_in_place():
@@ -335,23 +372,33 @@ AOT_SCRIPT = textwrap.dedent('''
                 sig[name] = "i32"
         return sig
 
-    jobs = []
-    bp, bc, warps = tk._interp_blocks(576, 1152)
-    for name, dtype, copy in [("interp_fwd", "fp16", False), ("interp_fwd", "bf16", True), ("interp_bwd", "fp32", False)]:
-        jobs.append((name, dtype, 1, {"COPY": copy, "BLOCK_P": bp, "BLOCK_C": bc}, dict(tk.INTERP_OPTIONS, num_warps=warps)))
-    bq, bh, bd, warps = tk._sva_blocks(576, 16, 64)
-    tile = {"BLOCK_Q": bq, "BLOCK_H": bh, "BLOCK_D": bd}
-    for name, dtype, rs, mode, offsets in [("sva_fwd", "fp16", (1, 1, 1, 4), 1, True), ("sva_fwd", "bf16", (2, 1, 8), 2, False),
-                                           ("sva_fwd", "fp32", (1,), 0, False), ("sva_bwd", "fp16", (1, 1, 1, 4), 1, True),
-                                           ("sva_bwd", "fp32", (2, 1, 8), 2, False)]:
-        const = dict(tile, RS=rs, NUM_TOWERS=len(rs), MASK_MODE=mode, HAS_OFFSETS=offsets)
+    # the autotuner's candidates for cambrian-8b shapes (SigLIP grid: 1152 channels; 16 heads x 64)
+    interp_tiles = tk._prune_interp(tk.INTERP_CONFIGS, {"C": 1152})
+    sva_tiles = tk._prune_sva(tk.SVA_CONFIGS, {"heads": 16}, BLOCK_D=64)
+
+    def interp_job(name, dtype, copy, cfg):
+        return (name, dtype, 1, dict(cfg.kwargs, COPY=copy), dict(tk.INTERP_OPTIONS, num_warps=cfg.num_warps))
+
+    def sva_job(name, dtype, rs, mode, offsets, cfg):
+        const = dict(cfg.kwargs, BLOCK_D=64, RS=rs, NUM_TOWERS=len(rs), MASK_MODE=mode, HAS_OFFSETS=offsets)
         if name == "sva_fwd":
             const["STORE_O32"] = dtype != "fp32"
-        jobs.append((name, dtype, len(rs), const, {"num_warps": warps}))
+        return (name, dtype, len(rs), const, {"num_warps": cfg.num_warps})
+
+    # every variant (dtype, mask mode, towers) with the first candidate, on both architectures ...
+    jobs = [interp_job(name, dtype, copy, interp_tiles[0]) for name, dtype, copy in
+            [("interp_fwd", "fp16", False), ("interp_fwd", "bf16", True), ("interp_bwd", "fp32", False)]]
+    jobs += [sva_job(*v, sva_tiles[0]) for v in
+             [("sva_fwd", "fp16", (1, 1, 1, 4), 1, True), ("sva_fwd", "bf16", (2, 1, 8), 2, False),
+              ("sva_fwd", "fp32", (1,), 0, False), ("sva_bwd", "fp16", (1, 1, 1, 4), 1, True),
+              ("sva_bwd", "fp32", (2, 1, 8), 2, False)]]
+    # ... and every other candidate tile once (sm_80, float32): a tile that does not compile would fail tuning
+    extra = [interp_job(name, "fp32", False, cfg) for name in ("interp_fwd", "interp_bwd") for cfg in interp_tiles[1:]]
+    extra += [sva_job(name, "fp32", (1, 1, 1, 4), 1, False, cfg) for name in ("sva_fwd", "sva_bwd") for cfg in sva_tiles[1:]]
 
     results = []
-    for arch in (80, 90):
-        for name, dtype, towers, const, options in jobs:
+    for arch, arch_jobs in ((80, jobs + extra), (90, jobs)):
+        for name, dtype, towers, const, options in arch_jobs:
             kernel = tk.KERNELS[name]
             src = ASTSource(kernel, signature(kernel, dtype, towers, const), const)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
