@@ -501,17 +501,17 @@ def multi_tower_interpolate(features: Sequence[Tensor], src_sizes: Sequence[tupl
     return _MultiTowerInterpolate.apply(src, dst, *features)
 
 
-def _sva_blocks(n_q: int, heads: int, head_dim: int) -> tuple[int, int]:
+def _sva_blocks(n_q: int, heads: int, block_d: int) -> tuple[int, int]:
     """(BLOCK_Q, BLOCK_H) under the interpreter: many queries per program, all heads up to 1024 channels."""
-    block_h = min(_next_pow2(heads), max(1, 1024 // _next_pow2(head_dim)))
-    return min(_next_pow2(n_q), max(1, (1 << 15) // (block_h * _next_pow2(head_dim)))), block_h
+    block_h = min(_next_pow2(heads), max(1, 1024 // block_d))
+    return min(_next_pow2(n_q), max(1, (1 << 15) // (block_h * block_d))), block_h
 
 
 def _launch_sva(name: str, n_q: int, heads: int, head_dim: int, *args, **constexprs) -> None:
     """Launch an attention kernel over (queries, head blocks): big blocks under the interpreter, else autotuned."""
     block_d = _next_pow2(head_dim)
     if _BIG_BLOCKS:
-        block_q, block_h = _sva_blocks(n_q, heads, head_dim)
+        block_q, block_h = _sva_blocks(n_q, heads, block_d)
         grid = (triton.cdiv(n_q, block_q), triton.cdiv(heads, block_h))
         KERNELS[name][grid](*args, **constexprs, BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_D=block_d)
     else:

@@ -847,7 +847,7 @@ static void interp_forward_planar_separable(const InterpForward& p, const Taps<a
       T* orow = out + b * p.o_sb + oy * W * p.o_st + g_lo;
       for (int64_t ox = 0; ox < W; ++ox) {
         T* dst = orow + ox * p.o_st;
-        if (ox + kPageAhead < W) prefetch_page(orow + (ox + kPageAhead) * p.o_st);
+        if (ox + kPageAhead < W) prefetch_page(dst + kPageAhead * p.o_st);
         if (p.stream && !p.accumulate && try_lerp_stream<F>(hr0 + ox * GC, hr1 + ox * GC, h0, h1, dst, gc)) continue;
         A* y = (p.stream || p.accumulate) ? pix.p : out_buf(dst, pix.p);
         lerp_row<F>(hr0 + ox * GC, hr1 + ox * GC, h0, h1, y, gc);
